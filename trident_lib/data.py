@@ -1,0 +1,54 @@
+"""Reading tiles in worker processes while the model runs."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class WSIPatcherDataset(Dataset):
+    """Dataset from a WSI patcher to directly read tiles on a slide: item i is (transform(tile), (x, y))."""
+
+    def __init__(self, patcher, transform):
+        self.patcher = patcher
+        self.transform = transform
+        self.patcher.pil = True
+
+    def __len__(self) -> int:
+        return len(self.patcher)
+
+    def __getitem__(self, index):
+        tile, x, y = self.patcher[index]
+        return self.transform(tile), (x, y)
+
+
+def default_num_workers() -> int:
+    """Leave one core for the model; at least one reader process."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int | None, device: str) -> DataLoader:
+    workers = default_num_workers() if num_workers is None else int(num_workers)
+    if len(dataset) <= batch_size:  # one batch: a worker process would only add start-up time
+        workers = 0
+    cuda = str(device).startswith("cuda")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=cuda,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+        multiprocessing_context="fork" if workers and os.name == "posix" else None,
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N'; a CUDA device on a machine without one is a clear error."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was asked for but CUDA is not available on this machine; use 'cpu'.")
+    return dev

@@ -1,0 +1,85 @@
+"""Tissue segmentation of a whole slide: tiles through a data loader, one mask, polygons, pictures."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import geopandas as gpd
+import numpy as np
+import torch
+
+from .contours import gdf_from_polygons, mask_to_gdf, save_geojson, tissue_union
+from .data import WSIPatcherDataset, make_loader
+from .io import save_image
+from .patching import WSIPatcher, draw_coords, grid_coords
+
+THUMBNAIL_SIZE = 1024
+
+
+def segmentation_mag(wsi, model, target_mag: float | None = None) -> float:
+    """The model's own magnification (or the one given), never above what the slide was scanned at."""
+    mag = getattr(model, "target_mag", None) or target_mag or 10
+    return min(float(mag), float(wsi.mag))
+
+
+def predict_mask(wsi, model, target_mag: float | None = None, batch_size: int = 16, device: str = "cpu",
+                 num_workers: int | None = None, verbose: bool = False) -> tuple[np.ndarray, float]:
+    """(H, W) uint8 class map over the whole slide at the model's magnification, and its scale in level-0
+    pixels per mask pixel. Tiles are read and transformed in worker processes while the model runs."""
+    wsi._lazy_initialize()
+    mag = segmentation_mag(wsi, model, target_mag)
+    size = model.input_size
+    patcher = WSIPatcher(wsi, size, dst_mag=mag, pil=True)
+    patcher.valid_coords = grid_coords(patcher.cols, patcher.rows, patcher.step)  # every tile, even partial
+    loader = make_loader(WSIPatcherDataset(patcher, model.eval_transforms), batch_size, num_workers, device)
+    full = np.zeros((patcher.rows * size, patcher.cols * size), np.uint8)
+    model = model.to(device)
+    with torch.inference_mode():
+        for imgs, (xs, ys) in loader:
+            pred = model(imgs.to(device, non_blocking=True)).cpu().numpy().astype(np.uint8)
+            for p, x, y in zip(pred, xs.tolist(), ys.tolist()):
+                r, c = y // patcher.step, x // patcher.step
+                full[r * size:(r + 1) * size, c * size:(c + 1) * size] = p
+    scale = patcher.patch_size_src / size
+    h, w = int(np.ceil(wsi.height / scale)), int(np.ceil(wsi.width / scale))
+    return full[:h, :w], scale
+
+
+def segment_tissue(wsi, segmentation_model, target_mag: float = 10, holes_are_tissue: bool = True,
+                   job_dir: str | None = None, batch_size: int = 16, device: str = "cuda:0", verbose=False,
+                   num_workers=None, artifact_remover_model=None, provenance: dict | None = None):
+    """Segment tissue; return the GeoDataFrame, or the GeoJSON path when ``job_dir`` is given.
+
+    With ``job_dir`` it also writes ``thumbnails/<slide>.jpg`` and the contour overlay
+    ``contours/<slide>.jpg``. The contours stay on the slide (``wsi.gdf_contours``) for patching.
+    """
+    t0 = time.perf_counter()
+    mask, scale = predict_mask(wsi, segmentation_model, target_mag, batch_size, device, num_workers, verbose)
+    gdf = mask_to_gdf(mask, scale, holes_are_tissue=holes_are_tissue)
+    if artifact_remover_model is not None and len(gdf):
+        gdf = remove_artifacts(wsi, gdf, artifact_remover_model, batch_size, device, num_workers)
+    wsi.gdf_contours = gdf
+    wsi.segmentation_seconds = time.perf_counter() - t0
+    if job_dir is None:
+        return gdf
+    save_segmentation_pictures(wsi, gdf, job_dir)
+    return save_geojson(gdf, os.path.join(job_dir, "contours_geojson", f"{wsi.name}.geojson"), provenance)
+
+
+def remove_artifacts(wsi, gdf: gpd.GeoDataFrame, artifact_model, batch_size=16, device="cpu", num_workers=None):
+    """Tissue minus the regions the artifact model calls artifacts, on the device it is given."""
+    clean, scale = predict_mask(wsi, artifact_model, None, batch_size, device, num_workers)
+    clean_gdf = mask_to_gdf(clean, scale, holes_are_tissue=False)
+    kept = tissue_union(gdf).intersection(tissue_union(clean_gdf))
+    parts = [kept] if kept.geom_type == "Polygon" else [g for g in getattr(kept, "geoms", []) if
+                                                          g.geom_type == "Polygon"]
+    return gdf_from_polygons([p for p in parts if not p.is_empty])
+
+
+def save_segmentation_pictures(wsi, gdf: gpd.GeoDataFrame, job_dir: str) -> dict[str, str]:
+    thumb = wsi.get_thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    paths = {"thumbnail": save_image(os.path.join(job_dir, "thumbnails", f"{wsi.name}.jpg"), thumb, quality=90)}
+    overlay = draw_coords(wsi, np.zeros((0, 2)), 0, THUMBNAIL_SIZE, contours=gdf)
+    paths["contours"] = save_image(os.path.join(job_dir, "contours", f"{wsi.name}.jpg"), overlay, quality=90)
+    return paths
