@@ -9,7 +9,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from PIL import Image
 
-from ..errors import MissingMPPError, SlideReadError
+from ..errors import MissingMPPError, SlideError, SlideReadError
 from ..mpp import HOW_TO_SUPPLY_MPP, mag_from_mpp, mpp_from_properties
 
 
@@ -69,9 +69,7 @@ class WSI(ABC):
             return
         try:
             self._open()
-        except (SlideReadError, MissingMPPError):
-            raise
-        except ImportError:
+        except (SlideError, ImportError):
             raise
         except Exception as e:  # any backend failure becomes one clear error
             raise SlideReadError(

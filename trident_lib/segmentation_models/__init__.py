@@ -72,7 +72,7 @@ def _otsu_mask(rgb: np.ndarray) -> np.ndarray:
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     if gray.min() == gray.max():  # a uniform tile has no tissue to separate
         return np.zeros(gray.shape, bool)
-    return gray < threshold_otsu(gray)
+    return gray <= threshold_otsu(gray)  # skimage: values above the threshold are the bright class
 
 
 def apply_otsu_thresholding(tile: np.ndarray) -> np.ndarray:
