@@ -184,10 +184,9 @@ def resolve_mask(wsi, mask) -> gpd.GeoDataFrame | None:
     return mask
 
 
-def extract_tissue_coords(wsi, target_mag: float, patch_size: int, save_coords: str, overlap: int = 0,
-                          min_tissue_proportion: float = 0.0, mask=None, use_measured_mpp: bool = False,
-                          provenance: dict | None = None) -> str:
-    """Coordinates of tissue patches, written to ``<save_coords>/patches/<slide>_patches.h5``."""
+def tissue_coords(wsi, target_mag: float, patch_size: int, overlap: int = 0, min_tissue_proportion: float = 0.0,
+                  mask=None, use_measured_mpp: bool = False, save_dir: str = "") -> tuple[np.ndarray, dict]:
+    """(coords, attrs) of the tissue patches: the one implementation behind every coords output."""
     wsi._lazy_initialize()
     gdf = resolve_mask(wsi, mask)
     if gdf is None:
@@ -195,8 +194,17 @@ def extract_tissue_coords(wsi, target_mag: float, patch_size: int, save_coords: 
     warn_if_upsampling(wsi.name, wsi.mag, target_mag)
     patcher = WSIPatcher(wsi, patch_size, dst_mag=target_mag, overlap=overlap, mask=gdf, coords_only=True,
                          threshold=min_tissue_proportion, use_measured_mpp=use_measured_mpp)
+    return patcher.valid_coords, coords_attrs(patcher, target_mag, save_dir)
+
+
+def extract_tissue_coords(wsi, target_mag: float, patch_size: int, save_coords: str, overlap: int = 0,
+                          min_tissue_proportion: float = 0.0, mask=None, use_measured_mpp: bool = False,
+                          provenance: dict | None = None) -> str:
+    """Coordinates of tissue patches, written to ``<save_coords>/patches/<slide>_patches.h5``."""
+    coords, attrs = tissue_coords(wsi, target_mag, patch_size, overlap, min_tissue_proportion, mask,
+                                  use_measured_mpp, save_coords)
     path = os.path.join(save_coords, "patches", f"{wsi.name}_patches.h5")
-    return save_coords_h5(path, patcher.valid_coords, coords_attrs(patcher, target_mag, save_coords), provenance)
+    return save_coords_h5(path, coords, attrs, provenance)
 
 
 def draw_coords(wsi, coords: np.ndarray, patch_size_level0: int, max_size: int = VIZ_MAX_SIZE,
@@ -221,15 +229,20 @@ def visualize_coords(wsi, coords_path: str, save_patch_viz: str) -> str:
     return save_image(os.path.join(save_patch_viz, f"{wsi.name}.jpg"), img, quality=90)
 
 
-def patcher_from_coords_file(wsi, coords_path: str, pil: bool = False) -> WSIPatcher:
-    """A patcher that reads exactly the patches listed in a TRIDENT (or legacy CLAM) coords file."""
-    coords, attrs = read_coords_h5(coords_path)
-    if "target_magnification" not in attrs:
-        return WSIPatcher.from_legacy_coords_file(wsi, coords_path, pil=pil)
+def patcher_from_coords(wsi, coords: np.ndarray, attrs: dict, pil: bool = False) -> WSIPatcher:
+    """A patcher that reads exactly the listed patches, sized as the coords attributes say."""
     src = 10.0 / float(attrs["level0_magnification"])
     dst = src * int(attrs["patch_size_level0"]) / int(attrs["patch_size"])
     return WSIPatcher(wsi, int(attrs["patch_size"]), src_pixel_size=src, dst_pixel_size=dst,
                       custom_coords=coords, pil=pil)
+
+
+def patcher_from_coords_file(wsi, coords_path: str, pil: bool = False) -> WSIPatcher:
+    """The same, from a TRIDENT coords file or a legacy CLAM one."""
+    coords, attrs = read_coords_h5(coords_path)
+    if "target_magnification" not in attrs:
+        return WSIPatcher.from_legacy_coords_file(wsi, coords_path, pil=pil)
+    return patcher_from_coords(wsi, coords, attrs, pil)
 
 
 def dump_patches(wsi, coords_path: str, save_patches_dir: str, max_patches: int = 0, image_format: str = "png",

@@ -1,0 +1,184 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+import trident_lib as tl
+from trident_lib.errors import MissingDependencyError, WeightsNotFoundError
+from trident_lib.extraction import slide_embedding
+from trident_lib.io import read_features_h5
+from trident_lib.patch_encoder_models import (REGISTRY, CustomInferenceEncoder, ResNet50InferenceEncoder,
+                                              encoder_factory, eval_transforms, meta_device)
+from trident_lib.patch_encoder_models.timm_family import (build_efficientnet_lite0, efficientnet_lite0_file,
+                                                          load_lukemelas_by_position)
+from trident_lib import slide_encoder_models as se
+
+# The seed's table of output sizes.
+SEED_DIMS = {"uni_v1": 1024, "uni_v2": 1536, "conch_v1": 512, "conch_v15": 768, "virchow": 2560, "virchow2": 2560,
+             "phikon": 768, "phikon_v2": 1024, "keep": 768, "gigapath": 1536, "hoptimus0": 1536, "hoptimus1": 1536,
+             "h0-mini": 768, "musk": 1024, "midnight12k": 3072, "openmidnight": 1536, "gpfm": 1024,
+             "genbio-pathfm": 4608, "gemma4-e4b": 768, "gemma4-26b": 1152, "kaiko-vits16": 384, "kaiko-vits8": 384,
+             "kaiko-vitb16": 768, "kaiko-vitb8": 768, "kaiko-vitl14": 1024, "lunit-vits8": 384, "hibou_l": 1024,
+             "ctranspath": 768, "resnet50": 1024}
+SMALL = {"resnet50", "ctranspath", "kaiko-vits16", "kaiko-vits8", "lunit-vits8", "h0-mini", "phikon",
+         "efficientnet_lite0"}
+BUILDABLE = sorted(n for n, s in REGISTRY.items() if not s.requires or s.requires == ("transformers",)
+                   if not s.from_folder)
+
+
+def test_registry_covers_the_seed():
+    assert set(SEED_DIMS) <= set(REGISTRY)
+    for name, dim in SEED_DIMS.items():
+        assert REGISTRY[name].dim == dim, name
+
+
+@pytest.mark.parametrize("name", BUILDABLE)
+def test_architectures_give_their_dimension(name):
+    spec = REGISTRY[name]
+    x = torch.rand(2, 3, spec.size, spec.size)
+    if name in SMALL:  # real forward with random weights
+        enc = encoder_factory(name, pretrained=False)
+        out = enc(x)
+        assert torch.isfinite(out).all()
+    else:  # billion-parameter models: shapes only, on the meta device
+        with meta_device():
+            enc = encoder_factory(name, pretrained=False)
+            out = enc(x.to("meta"))
+    assert tuple(out.shape) == (2, spec.dim) == (2, enc.embedding_dim)
+    assert enc.enc_name == name and enc.precision in (torch.float32, torch.float16, torch.bfloat16)
+    t = enc.eval_transforms(Image.new("RGB", (256, 256)))
+    assert tuple(t.shape) == (3, spec.size, spec.size)
+
+
+def test_transforms_and_precision_facts():
+    r = encoder_factory("resnet50", pretrained=False)
+    assert r.precision == torch.float32 and r.embedding_dim == 1024
+    k = encoder_factory("kaiko-vits16", pretrained=False)
+    x = k.eval_transforms(Image.new("RGB", (256, 256), (255, 255, 255)))
+    assert torch.allclose(x, torch.ones_like(x))  # mean = std = 0.5: white -> 1
+    assert REGISTRY["uni_v1"].precision == "fp16" and REGISTRY["uni_v2"].precision == "bf16"
+
+
+def test_unknown_encoder_lists_known():
+    with pytest.raises(ValueError, match="uni_v1.*|.*resnet50"):
+        encoder_factory("nope")
+
+
+@pytest.mark.parametrize("name,package", [("conch_v1", "conch"), ("conch_v15", "conch"), ("musk", "musk")])
+def test_missing_package_is_named(name, package):
+    with pytest.raises(MissingDependencyError, match=package):
+        encoder_factory(name)
+
+
+@pytest.mark.parametrize("name", ["uni_v1", "keep", "gemma4-e4b", "ctranspath"])
+def test_offline_without_weights(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("TRIDENT_WEIGHTS_REGISTRY", raising=False)
+    with pytest.raises(WeightsNotFoundError) as err:
+        encoder_factory(name)
+    msg = str(err.value)
+    assert name in msg and "weights_path" in msg and "hub cache" in msg and "TRIDENT_WEIGHTS_REGISTRY" in msg
+
+
+def test_checkpoint_round_trip_with_and_without_head(tmp_path):
+    import timm
+    net = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=1000)  # with a head
+    torch.save(net.state_dict(), tmp_path / "kaiko.pth")
+    enc = encoder_factory("kaiko-vits16", weights_path=str(tmp_path / "kaiko.pth"))
+    ref = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True)
+    ref.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("head.")})
+    x = torch.rand(2, 3, 224, 224)
+    assert torch.equal(enc(x), ref.eval()(x))
+    assert len(enc.weights_sha256) == 64
+    # A file for a different architecture is a clear error naming encoder and file.
+    torch.save(timm.create_model("vit_base_patch16_224", num_classes=0).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="kaiko-vits16.*other.pth"):
+        encoder_factory("kaiko-vits16", weights_path=str(tmp_path / "other.pth"))
+    (tmp_path / "corrupt.pth").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(ValueError, match="corrupt.pth"):
+        encoder_factory("kaiko-vits16", weights_path=str(tmp_path / "corrupt.pth"))
+
+
+def test_hub_cache_layout_and_registry(tmp_path, monkeypatch):
+    enc = encoder_factory("resnet50", pretrained=False)
+    snapshot = tmp_path / "hub" / "models--timm--resnet50.tv_in1k" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    from safetensors.torch import save_file
+    full = {k[len("net."):]: v.contiguous() for k, v in enc.model.state_dict().items()}
+    save_file(full, str(snapshot / "model.safetensors"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    loaded = encoder_factory("resnet50")
+    x = torch.rand(1, 3, 224, 224)
+    assert torch.equal(loaded(x), enc(x)) and loaded.weights_path.endswith("model.safetensors")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty"))
+    reg = tmp_path / "weights.json"
+    reg.write_text('{"resnet50": "%s"}' % (snapshot / "model.safetensors"))
+    monkeypatch.setenv("TRIDENT_WEIGHTS_REGISTRY", str(reg))
+    assert torch.equal(encoder_factory("resnet50")(x), enc(x))
+
+
+def test_default_encoder_has_real_imagenet_weights():
+    """The full EfficientNet-Lite0 classifies known pictures: the shipped weights really loaded."""
+    model = build_efficientnet_lite0(with_classifier=True)
+    load_lukemelas_by_position(model, efficientnet_lite0_file())
+    tf = eval_transforms(224, ((0.5,) * 3, (0.5,) * 3))
+    with torch.no_grad():
+        coffee = model.eval()(tf(Image.fromarray(data.coffee()))[None]).argmax().item()
+        cat = model(tf(Image.fromarray(data.chelsea()))[None]).argmax().item()
+    assert coffee == 967  # espresso
+    assert cat in (281, 282, 285)  # tabby / tiger / Egyptian cat
+    enc = encoder_factory("efficientnet_lite0")
+    assert enc.embedding_dim == 1280 and enc.weights_path == efficientnet_lite0_file()
+
+
+def test_seed_classes_and_custom_encoder():
+    enc = ResNet50InferenceEncoder(pretrained=False)
+    assert enc.enc_name == "resnet50"
+    custom = CustomInferenceEncoder("mine", torch.nn.Flatten(), eval_transforms(8), torch.float32)
+    assert custom.enc_name == "mine" and custom(torch.rand(2, 3, 8, 8)).shape == (2, 192)
+
+
+def test_feature_extraction_end_to_end(tmp_path, slides):
+    from trident_lib.segmentation_models import segmentation_model_factory
+    enc = encoder_factory("efficientnet_lite0")
+    with tl.load_wsi(slides["aperio_40x"]) as wsi:
+        wsi.segment_tissue(segmentation_model_factory("otsu"), device="cpu")
+        coords_path = wsi.extract_tissue_coords(20, 256, str(tmp_path))
+        path = wsi.extract_patch_features(enc, coords_path, str(tmp_path / "feats"), device="cpu", batch_limit=8)
+        pt = wsi.extract_patch_features(enc, coords_path, str(tmp_path / "pt"), device="cpu", saveas="pt")
+    feats, coords, attrs = read_features_h5(path)
+    assert feats.shape == (len(coords), 1280) and feats.dtype == np.float32 and np.isfinite(feats).all()
+    assert attrs["patch_size_level0"] == 512
+    assert torch.equal(torch.load(pt), torch.from_numpy(feats))
+    # Batched pipeline == one patch at a time through the model.
+    with tl.load_wsi(slides["aperio_40x"]) as wsi:
+        tile = wsi.read_region(tuple(coords[3]), 1, (256, 256)).convert("RGB")
+    with torch.no_grad():
+        single = enc(enc.eval_transforms(tile)[None])[0].numpy()
+    np.testing.assert_allclose(feats[3], single, rtol=1e-4, atol=1e-4)
+    slide = tl.load_wsi(slides["aperio_40x"]).extract_slide_features(
+        path, se.encoder_factory("mean-efficientnet_lite0"), str(tmp_path / "slide"), device="cpu")
+    emb, _, _ = read_features_h5(slide)
+    np.testing.assert_allclose(emb, feats.mean(0), rtol=1e-5)
+
+
+def test_slide_encoders():
+    assert se.slide_to_patch_encoder_name["titan"] == "conch_v15"
+    assert se.slide_to_patch_encoder_name["mean-uni_v1"] == "uni_v1"
+    assert se.slide_to_patch_encoder_name["chief"] == "ctranspath"
+    assert se.slide_encoder_spec("chief").mag == 10
+    mean = se.encoder_factory("mean-resnet50")
+    feats = torch.rand(1, 7, 1024)
+    assert torch.allclose(mean({"features": feats}, device="cpu"), feats.mean(1))
+    ab = se.encoder_factory("abmil", input_feature_dim=1024)
+    out = ab({"features": feats}, device="cpu")
+    assert out.shape == (1, 512)
+    empty = slide_embedding(np.zeros((0, 1024), np.float32), np.zeros((0, 2)), {}, mean)
+    assert empty.shape == (1024,) and np.isnan(empty).all()
+    with pytest.raises(MissingDependencyError, match="chief"):
+        se.encoder_factory("chief")
+    with pytest.raises(WeightsNotFoundError, match="titan"):
+        se.encoder_factory("titan")
+    with pytest.raises(ValueError, match="Known"):
+        se.encoder_factory("nope")

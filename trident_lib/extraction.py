@@ -1,0 +1,112 @@
+"""Patch and slide feature extraction: tiles are read in worker processes while the model runs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import numpy as np
+import torch
+
+from .data import WSIPatcherDataset, make_loader, resolve_device
+from .io import atomic_path, read_coords_h5, read_features_h5, save_features_h5
+from .patching import patcher_from_coords
+
+
+def autocast_context(device: torch.device, precision: torch.dtype, fast_cpu: bool = False):
+    """On CUDA, the encoder's own precision (TRIDENT's behaviour). On CPU, exact fp32 unless the opt-in
+    fast path asks for bf16 autocast."""
+    if device.type == "cuda" and precision != torch.float32:
+        return torch.autocast("cuda", dtype=precision)
+    if device.type == "cpu" and fast_cpu:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_encoder(encoder: torch.nn.Module, device: torch.device, fast_cpu: bool = False) -> torch.nn.Module:
+    encoder = encoder.to(device).eval()
+    if fast_cpu and device.type == "cpu":
+        encoder = encoder.to(memory_format=torch.channels_last)
+    return encoder
+
+
+def embed_batches(encoder, batches, device: torch.device, fast_cpu: bool = False) -> np.ndarray:
+    """Run the encoder over an iterable of (images, ...) batches; (N, D) float32."""
+    out = []
+    precision = getattr(encoder, "precision", torch.float32)
+    with torch.inference_mode(), autocast_context(device, precision, fast_cpu):
+        for imgs, *_ in batches:
+            imgs = imgs.to(device, non_blocking=True)
+            if fast_cpu and device.type == "cpu":
+                imgs = imgs.contiguous(memory_format=torch.channels_last)
+            out.append(encoder(imgs).float().cpu())
+    if not out:
+        return np.zeros((0, 0), np.float32)
+    return torch.cat(out).numpy()
+
+
+def patch_features(wsi, patch_encoder, coords: np.ndarray, attrs: dict, device: str = "cpu",
+                   batch_limit: int = 512, num_workers: int | None = None, fast_cpu: bool = False) -> np.ndarray:
+    """(N, D) float32 features of the listed patches: the one implementation behind every features output.
+    Empty coordinates give (0, D) without running the model."""
+    dev = resolve_device(device)
+    if not len(coords):
+        return np.zeros((0, getattr(patch_encoder, "embedding_dim", None) or 0), np.float32)
+    patcher = patcher_from_coords(wsi, coords, attrs, pil=True)
+    loader = make_loader(WSIPatcherDataset(patcher, patch_encoder.eval_transforms), batch_limit, num_workers,
+                         device)
+    return embed_batches(prepare_encoder(patch_encoder, dev, fast_cpu), loader, dev, fast_cpu)
+
+
+def extract_patch_features(wsi, patch_encoder, coords_path: str, save_features: str, device: str = "cuda:0",
+                           saveas: str = "h5", batch_limit: int = 512, verbose: bool = False,
+                           num_workers: int | None = None, fast_cpu: bool = False,
+                           provenance: dict | None = None) -> str:
+    """Features of every patch in ``coords_path``, saved to ``<save_features>/<slide>.h5`` (or ``.pt``)."""
+    if saveas not in ("h5", "pt"):
+        raise ValueError(f"saveas must be 'h5' or 'pt', got {saveas!r}")
+    t0 = time.perf_counter()
+    coords, attrs = read_coords_h5(coords_path)
+    features = patch_features(wsi, patch_encoder, coords, attrs, device, batch_limit, num_workers, fast_cpu)
+    path = os.path.join(save_features, f"{wsi.name}.{saveas}")
+    if saveas == "pt":
+        with atomic_path(path) as tmp:
+            torch.save(torch.from_numpy(features), tmp)
+    else:
+        save_features_h5(path, features, coords, attrs, feature_attrs(patch_encoder, wsi.name, save_features),
+                         provenance)
+    if verbose:
+        print(f"{wsi.name}: {len(coords)} patches in {time.perf_counter() - t0:.1f}s")
+    return os.path.abspath(path)
+
+
+def feature_attrs(encoder, name: str, save_dir: str) -> dict:
+    return {"encoder": encoder.enc_name, "name": name, "savetodir": save_dir}
+
+
+def slide_embedding(features: np.ndarray, coords: np.ndarray, attrs: dict, slide_encoder,
+                    device: str = "cpu") -> np.ndarray:
+    """(D,) float32 slide embedding; NaN when the slide has no patches (no tissue)."""
+    if not len(features):
+        return np.full((slide_encoder.embedding_dim,), np.nan, np.float32)
+    dev = resolve_device(device)
+    batch = {"features": torch.from_numpy(features).float()[None], "coords": torch.from_numpy(coords)[None],
+             "attributes": attrs}
+    slide_encoder = slide_encoder.to(dev).eval()
+    with torch.inference_mode(), autocast_context(dev, getattr(slide_encoder, "precision", torch.float32)):
+        return slide_encoder(batch, device=dev).float().cpu().numpy()[0].astype(np.float32)
+
+
+def extract_slide_features(patch_features_path: str, slide_encoder, save_features: str, device: str = "cuda",
+                           name: str | None = None, provenance: dict | None = None) -> str:
+    """One embedding per slide from its patch features, saved to ``<save_features>/<slide>.h5``.
+    A slide without patches gets a NaN embedding and ``status = no_tissue`` in the file's attributes."""
+    if not os.path.exists(patch_features_path):
+        raise FileNotFoundError(f"{patch_features_path}: patch features not found; extract them first.")
+    features, coords, attrs = read_features_h5(patch_features_path)
+    name = name or attrs.get("name") or os.path.splitext(os.path.basename(patch_features_path))[0]
+    embedding = slide_embedding(features, coords, attrs, slide_encoder, device)
+    extra = {**(provenance or {}), "status": "ok" if len(features) else "no_tissue"}
+    path = os.path.join(save_features, f"{name}.h5")
+    return save_features_h5(path, embedding, coords, attrs, feature_attrs(slide_encoder, name, save_features), extra)

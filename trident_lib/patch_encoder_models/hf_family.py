@@ -1,0 +1,130 @@
+"""Encoders published as Hugging Face transformers models (DINOv2 / ViT families), and those that need
+packages or model code outside PyPI's mainstream (CONCH, MUSK, KEEP, GenBio-PathFM, Gemma 4)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import MissingDependencyError
+from .base import HALF, IMAGENET, OPENAI_CLIP, EncoderSpec, register
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise MissingDependencyError("This patch encoder", "transformers", extra="hf") from e
+    return transformers
+
+
+class HFBackbone(torch.nn.Module):
+    """A transformers vision backbone built from an inline config (no download); returns its tokens."""
+
+    def __init__(self, model_cls: str, config_cls: str, **config):
+        super().__init__()
+        tf = _transformers()
+        kwargs = {"add_pooling_layer": False} if model_cls == "ViTModel" else {}
+        self.backbone = getattr(tf, model_cls)(getattr(tf, config_cls)(**config), **kwargs)
+
+    def forward(self, x):
+        return self.backbone(pixel_values=x).last_hidden_state
+
+
+def _hf(model_cls, config_cls, **config):
+    return lambda: HFBackbone(model_cls, config_cls, **config)
+
+
+def _hf_keys(sd: dict) -> dict:
+    """Checkpoints saved from AutoModel use bare keys; from a task model, a 'vit.'/'dinov2.' prefix."""
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("vit.", "dinov2.", "model."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+                break
+        if not k.startswith(("pooler.", "classifier.")):
+            out["backbone." + k] = v
+    return out
+
+
+def cls_token(model, x):
+    return model(x)[:, 0]
+
+
+def cls_and_mean(n_prefix):
+    def forward(model, x):
+        t = model(x)
+        return torch.cat([t[:, 0], t[:, n_prefix:].mean(dim=1)], dim=-1)
+
+    return forward
+
+
+DINOV2_L = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4, patch_size=14,
+                image_size=224, layerscale_value=1e-5)
+DINOV2_G = dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, mlp_ratio=4, patch_size=14,
+                image_size=224, use_swiglu_ffn=True, layerscale_value=1e-5)
+
+register(
+    EncoderSpec("phikon", 768, _hf("ViTModel", "ViTConfig", hidden_size=768, num_hidden_layers=12,
+                                   num_attention_heads=12, intermediate_size=3072, image_size=224, patch_size=16),
+                IMAGENET, hub_repo="owkin/phikon", adapt_state_dict=_hf_keys, forward=cls_token, patch_size=224,
+                requires=("transformers",), licence="Owkin non-commercial"),
+    EncoderSpec("phikon_v2", 1024, _hf("Dinov2Model", "Dinov2Config", **DINOV2_L), IMAGENET,
+                hub_repo="owkin/phikon-v2", adapt_state_dict=_hf_keys, forward=cls_token, patch_size=224,
+                requires=("transformers",), licence="Owkin non-commercial"),
+    EncoderSpec("hibou_l", 1024, _hf("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", num_register_tokens=4,
+                                     **DINOV2_L), ((0.7068, 0.5755, 0.722), (0.195, 0.2316, 0.1816)),
+                hub_repo="histai/hibou-L", adapt_state_dict=_hf_keys, forward=cls_token, patch_size=224,
+                requires=("transformers",), licence="Apache-2.0"),
+    EncoderSpec("midnight12k", 3072, _hf("Dinov2Model", "Dinov2Config", **DINOV2_G), HALF,
+                hub_repo="kaiko-ai/midnight", adapt_state_dict=_hf_keys, forward=cls_and_mean(1), patch_size=224,
+                requires=("transformers",), licence="MIT"),
+)
+
+
+# -- encoders whose model code lives outside the packages we depend on ------------------------------
+
+def _needs(package: str, what: str, how: str):
+    def build(*args, **kwargs):
+        raise MissingDependencyError(f"The '{what}' patch encoder ({how})", package)
+
+    return build
+
+
+def _from_folder_transformers(folder: str, **kwargs):
+    """KEEP, GenBio-PathFM and Gemma 4 ship their architecture with the checkpoint (config and code):
+    loaded from the lab's local copy only, never fetched, and remote code runs only when the lab opts in."""
+    tf = _transformers()
+    trust = bool(kwargs.pop("trust_remote_code", False))
+    model = tf.AutoModel.from_pretrained(folder, local_files_only=True, trust_remote_code=trust)
+    return model.vision_model if hasattr(model, "vision_model") else model
+
+
+def _pooled(model, x):
+    out = model(pixel_values=x)
+    pooled = getattr(out, "pooler_output", None)
+    return pooled if pooled is not None else out.last_hidden_state.mean(dim=1)
+
+
+register(
+    EncoderSpec("conch_v1", 512, _needs("conch", "conch_v1", "pip install git+https://github.com/Mahmoodlab/CONCH"),
+                IMAGENET, size=448, precision="fp32", hub_repo="MahmoodLab/CONCH", patch_size=512,
+                requires=("conch",), licence="CC-BY-NC-ND-4.0"),
+    EncoderSpec("conch_v15", 768, _needs("conch", "conch_v15", "CONCH v1.5 builds on the CONCH package"),
+                IMAGENET, size=448, precision="fp16", hub_repo="MahmoodLab/conchv1_5", patch_size=512,
+                requires=("conch",), licence="CC-BY-NC-ND-4.0"),
+    EncoderSpec("musk", 1024, _needs("musk", "musk", "pip install git+https://github.com/lilab-stanford/MUSK"),
+                ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), size=384, precision="fp16", hub_repo="xiangjx/musk",
+                patch_size=384, requires=("musk",), licence="CC-BY-NC-ND-4.0"),
+    EncoderSpec("keep", 768, _from_folder_transformers, OPENAI_CLIP, hub_repo="Astaxanthin/KEEP", from_folder=True,
+                forward=_pooled, requires=("transformers",), licence="see model card"),
+    EncoderSpec("genbio-pathfm", 4608, _from_folder_transformers, IMAGENET, hub_repo="genbio-ai/genbio-pathfm",
+                from_folder=True, forward=_pooled, patch_size=224, requires=("transformers",),
+                licence="see model card"),
+    EncoderSpec("gemma4-e4b", 768, _from_folder_transformers, HALF, hub_repo="google/gemma-4-E4B",
+                from_folder=True, forward=_pooled, patch_size=224, precision="bf16", requires=("transformers",),
+                licence="Gemma terms"),
+    EncoderSpec("gemma4-26b", 1152, _from_folder_transformers, HALF, hub_repo="google/gemma-4-26B-A4B",
+                from_folder=True, forward=_pooled, patch_size=224, precision="bf16", requires=("transformers",),
+                licence="Gemma terms"),
+)
