@@ -1,0 +1,368 @@
+"""The asset graph: slide file -> tissue contours -> patch coords -> patch features -> slide embeddings,
+plus cohort tables. Each asset body calls trident_lib and reports metadata; factories make one asset per
+configured encoder (and one coordinates asset per patch setting)."""
+
+
+import time
+from typing import Callable
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+import trident_lib
+from trident_lib import load_wsi
+from trident_lib.contours import empty_gdf
+from trident_lib.errors import SlideError
+from trident_lib.extraction import feature_attrs, patch_features, slide_embedding
+from trident_lib.patch_encoder_models import encoder_factory, encoder_spec
+from trident_lib.patching import draw_coords, tissue_coords
+from trident_lib.segmentation import segment_tissue
+from trident_lib.segmentation_models import segmentation_model_factory
+from trident_lib.slide_encoder_models import encoder_factory as slide_encoder_factory
+from trident_lib.weights import find_weights
+
+from trident_lib.devices import lease_device
+from .inbox import SlideFile, local_path, scan_inbox
+from .io_managers import COORDS_DIR_KEY, Coords, Features, Tissue, TridentIOManager, markdown_table, picture_md
+from .settings import Settings, version_of, weights_fingerprint
+
+slides = dg.DynamicPartitionsDefinition(name="slides")
+
+LIB = trident_lib.__version__
+GPU_TAGS = {
+    # k8s_job_executor: one GPU per step; celery executor: route to the workers listening on "gpu".
+    "dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}},
+    "dagster-celery/queue": "gpu",
+}
+
+
+class Inbox(dg.ConfigurableResource):
+    """Where slides arrive; resolves slide keys to files (the one place that does)."""
+
+    path: str
+    cache_dir: str = "/tmp/trident-slide-cache"
+    extensions: list[str] = []
+
+    def scan(self) -> dict[str, SlideFile]:
+        return scan_inbox(self.path, tuple(self.extensions))
+
+    def resolve(self, key: str) -> SlideFile:
+        found = self.scan().get(key)
+        if found is None:
+            raise FileNotFoundError(f"{key}: the slide is registered but its file is no longer in {self.path}.")
+        return found
+
+    def open(self, slide: SlideFile, **kwargs):
+        return load_wsi(local_path(slide, self.cache_dir), mpp=slide.mpp, name=slide.key, **kwargs)
+
+
+# -- helpers shared by the asset bodies ------------------------------------------------------------------
+
+def for_each_slide(context, values: dict, fn: Callable, on_error: Callable[[str, str], object]) -> dict:
+    """Run ``fn(key, value)`` per slide. In a batch, a slide that fails gets ``on_error(key, message)`` (a
+    valid empty output with status 'error' and a failed check) and the others carry on; a step with a single
+    slide fails with the slide's error, so its run shows it."""
+    results = {}
+    for key, value in values.items():
+        t0 = time.perf_counter()
+        try:
+            results[key] = fn(key, value)
+        except (SlideError, ValueError, OSError, ImportError, RuntimeError) as e:
+            if len(values) == 1:
+                raise dg.Failure(description=str(e), metadata={"slide": key}) from e
+            context.log.error(f"{key}: {e}")
+            results[key] = on_error(key, str(e))
+        context.log.info(f"{key}: {time.perf_counter() - t0:.2f}s")
+    return results
+
+
+def error_coords_attrs(key: str, pe) -> dict:
+    """Contract attributes for the empty coords of a slide that could not be processed."""
+    return {"patch_size": pe.patch_size, "patch_size_level0": 0, "level0_magnification": 0,
+            "target_magnification": pe.mag, "overlap": pe.overlap, "name": key, "savetodir": pe.coords_dir,
+            "level0_width": 0, "level0_height": 0}
+
+
+def status_of(provenance: dict) -> str:
+    return str(provenance.get("status", "ok"))
+
+
+def check(name: str, asset_key, failing: dict[str, str], total: int) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=name, asset_key=asset_key, passed=not failing,
+        metadata={"slides_checked": total, "failing": dg.MetadataValue.json(failing)},
+    )
+
+
+def single_metadata(results: dict, make: Callable[[str, object], dict]) -> dict:
+    """Per-slide metadata when the step holds one slide; counts when it holds a batch."""
+    if len(results) == 1:
+        (key, value), = results.items()
+        return make(key, value)
+    return {"slides": len(results)}
+
+
+# -- assets ---------------------------------------------------------------------------------------------
+
+def build_assets(settings: Settings) -> list:
+    eager = dg.AutomationCondition.eager()
+    backfill = dg.BackfillPolicy.multi_run(max_partitions_per_run=settings.backfill_slides_per_run)
+    common = dict(partitions_def=slides, io_manager_key="trident_io", automation_condition=eager,
+                  backfill_policy=backfill)
+
+    @dg.asset(**common, group_name="slides", code_version=f"slide-file-{LIB}", kinds={"file"},
+              description="The slide file behind each slide id: path, original name, size, mpp override.")
+    def slide_file(context: dg.AssetExecutionContext, inbox: Inbox):
+        found = inbox.scan()
+        out, missing = {}, {}
+        for key in context.partition_keys:
+            if key in found:
+                out[key] = found[key]
+            else:
+                missing[key] = f"{key}: no file for this slide in {inbox.path} (deleted or renamed)."
+        if missing:
+            raise dg.Failure(description="; ".join(missing.values()), metadata={"missing": list(missing)})
+        meta = single_metadata(out, lambda k, s: {"file_name": s.name, "path": s.path, "size_bytes": s.size,
+                                                 "mpp_override": s.mpp if s.mpp else "none"})
+        version = dg.DataVersion(next(iter(out.values())).fingerprint) if len(out) == 1 else None
+        return dg.Output(out, metadata=meta, data_version=version)
+
+    seg_version = version_of(LIB, settings.segmenter, settings.seg_conf_thresh, settings.holes_are_tissue,
+                             weights_fingerprint(settings.segmenter_weights_path))
+
+    @dg.asset(**common, group_name="slides", code_version=seg_version, kinds={"geojson"},
+              check_specs=[dg.AssetCheckSpec("tissue_found", asset="tissue_contours")],
+              description=f"Tissue polygons ({settings.segmenter}), GeoJSON in level-0 pixels; QuPath-compatible.")
+    def tissue_contours(context: dg.AssetExecutionContext, inbox: Inbox, trident_io: dg.ResourceParam[TridentIOManager],
+                        slide_file: dict):
+        with lease_device(settings.device) as device:
+            model = segmentation_model_factory(settings.segmenter, confidence_thresh=settings.seg_conf_thresh,
+                                               weights_path=settings.segmenter_weights_path)
+
+            def one(key, sf: SlideFile):
+                t0 = time.perf_counter()
+                with inbox.open(sf) as wsi:
+                    gdf = segment_tissue(wsi, model, holes_are_tissue=settings.holes_are_tissue, device=device)
+                    pictures = trident_io.save_pictures(wsi, gdf, key)
+                    facts = {"mpp": wsi.mpp, "magnification": wsi.mag, "width": wsi.width, "height": wsi.height}
+                prov = {"status": "ok" if len(gdf) else "no_tissue", "segmenter": settings.segmenter,
+                        "seconds": round(time.perf_counter() - t0, 3), "source": sf.relpath, **facts}
+                return Tissue(gdf, prov), pictures
+
+            done = for_each_slide(context, slide_file, one, lambda k, e: (
+                Tissue(empty_gdf(), {"status": "error", "error": e}), None))
+        out = {k: t for k, (t, _) in done.items()}
+        failing = {k: t.provenance.get("error", t.provenance["status"]) for k, t in out.items()
+                   if not len(t.gdf)}
+        yield dg.Output(out, metadata=single_metadata(done, lambda k, v: {
+            "status": status_of(v[0].provenance), "regions": len(v[0].gdf),
+            "tissue_area_px": float(v[0].gdf.area.sum()), "mpp": v[0].provenance["mpp"],
+            "magnification": v[0].provenance["magnification"], "seconds": v[0].provenance["seconds"],
+            "contours": v[1]["md"], "picture_path": v[1]["contours"]}))
+        yield check("tissue_found", context.asset_key, failing, len(out))
+
+    outputs = [slide_file, tissue_contours]
+    for coords_dir, pe in settings.coords_configs.items():
+        outputs.append(_coords_asset(settings, coords_dir, pe, common))
+    for pe in settings.patch_encoders:
+        outputs.append(_features_asset(settings, pe, common))
+    for se in settings.slide_encoders:
+        outputs.append(_embedding_asset(settings, se, common))
+        outputs.append(_cohort_embeddings_asset(settings, se))
+    outputs.append(_qc_asset(settings))
+    return outputs
+
+
+def _coords_asset(settings: Settings, coords_dir: str, pe, common):
+    key = dg.AssetKey(["patch_coords", coords_dir])
+    version = version_of(LIB, pe.mag, pe.patch_size, pe.overlap, settings.min_tissue_proportion,
+                         settings.use_measured_mpp)
+
+    @dg.asset(**common, key=key, group_name="slides", code_version=version, kinds={"hdf5"},
+              ins={"tissue_contours": dg.AssetIn("tissue_contours"), "slide_file": dg.AssetIn("slide_file")},
+              metadata={COORDS_DIR_KEY: coords_dir},
+              check_specs=[dg.AssetCheckSpec("coords_valid", asset=key,
+                                             description="non-empty and inside the slide")],
+              description=f"Tissue patch coordinates at {coords_dir} (TRIDENT coords HDF5).")
+    def patch_coords(context: dg.AssetExecutionContext, inbox: Inbox, slide_file: dict, tissue_contours: dict):
+        def failed(k, error):
+            return Coords(np.zeros((0, 2), np.int64), error_coords_attrs(k, pe), {"status": "error", "error": error}), None
+
+        def one(k, tissue: Tissue):
+            if status_of(tissue.provenance) == "error":
+                return failed(k, tissue.provenance.get("error", "upstream error"))
+            with inbox.open(slide_file[k]) as wsi:
+                coords, attrs = tissue_coords(wsi, pe.mag, pe.patch_size, pe.overlap, settings.min_tissue_proportion,
+                                              mask=tissue.gdf, use_measured_mpp=settings.use_measured_mpp,
+                                              save_dir=coords_dir)
+                grid = picture_md(draw_coords(wsi, coords, attrs["patch_size_level0"], contours=tissue.gdf))
+            status = "ok" if len(coords) else "no_tissue"
+            return Coords(coords, attrs, {"status": status}), grid
+
+        done = for_each_slide(context, tissue_contours, one, failed)
+        out = {k: c for k, (c, _) in done.items()}
+        failing = {}
+        for k, c in out.items():
+            if not len(c.coords):
+                failing[k] = c.provenance.get("error", "no patches")
+            elif (c.coords < 0).any() or (c.coords[:, 0] >= c.attrs["level0_width"]).any() or \
+                    (c.coords[:, 1] >= c.attrs["level0_height"]).any():
+                failing[k] = "coordinates outside the slide"
+        yield dg.Output(out, metadata=single_metadata(done, lambda k, v: {
+            "status": status_of(v[0].provenance), "patches": len(v[0].coords),
+            "patch_size_level0": v[0].attrs.get("patch_size_level0", 0), "grid": v[1] or "none"}))
+        yield check("coords_valid", context.asset_key, failing, len(out))
+
+    return patch_coords
+
+
+def _encoder_weights(name: str, weights_path: str | None) -> str | None:
+    spec = encoder_spec(name)
+    try:
+        return find_weights(name, weights_path, spec.hub_repo, spec.weight_files)
+    except Exception:  # not available here: the step will say so when it runs
+        return spec.packaged_weights() if spec.packaged_weights and not weights_path else None
+
+
+def _features_asset(settings: Settings, pe, common):
+    key = dg.AssetKey(["patch_features", pe.name])
+    coords_key = dg.AssetKey(["patch_coords", pe.coords_dir])
+    version = version_of(LIB, pe.name, pe.coords_dir, weights_fingerprint(_encoder_weights(pe.name, pe.weights_path)))
+
+    @dg.asset(**common, key=key, group_name="features", code_version=version, kinds={"hdf5", "pytorch"},
+              pool="gpu", op_tags=GPU_TAGS,
+              ins={"patch_coords": dg.AssetIn(coords_key), "slide_file": dg.AssetIn("slide_file")},
+              metadata={COORDS_DIR_KEY: pe.coords_dir},
+              check_specs=[dg.AssetCheckSpec("features_valid", asset=key,
+                                             description="finite, one row per patch, the encoder's width")],
+              description=f"Patch features from {pe.name} at {pe.coords_dir} (GPU pool).")
+    def features(context: dg.AssetExecutionContext, inbox: Inbox, slide_file: dict, patch_coords: dict):
+        with lease_device(settings.device) as device:
+            t0 = time.perf_counter()
+            encoder = encoder_factory(pe.name, weights_path=pe.weights_path)  # once per step, not per slide
+            load_seconds = time.perf_counter() - t0
+            prov = {"encoder": pe.name, "weights_sha256": encoder.weights_sha256 or "none", "device": device}
+
+            def empty(k, c: Coords, status: dict):
+                return Features(np.zeros((0, encoder.embedding_dim), np.float32), c.coords, c.attrs,
+                                feature_attrs(encoder, k, pe.coords_dir), {**prov, **status})
+
+            def one(k, c: Coords):
+                if status_of(c.provenance) == "error" or not len(c.coords):
+                    return empty(k, c, {key: v for key, v in c.provenance.items() if key in ("status", "error")})
+                t = time.perf_counter()
+                with inbox.open(slide_file[k]) as wsi:
+                    feats = patch_features(wsi, encoder, c.coords, c.attrs, device, pe.batch_size)
+                secs = time.perf_counter() - t
+                return Features(feats, c.coords, c.attrs, feature_attrs(encoder, k, pe.coords_dir),
+                                {**prov, "status": "ok", "seconds": round(secs, 3),
+                                 "patches_per_second": round(len(feats) / max(secs, 1e-9), 1)})
+
+            out = for_each_slide(context, patch_coords, one,
+                                 lambda k, e: empty(k, patch_coords[k], {"status": "error", "error": e}))
+        failing = {}
+        for k, f in out.items():
+            if f.features.shape != (len(f.coords), encoder.embedding_dim):
+                failing[k] = f"shape {f.features.shape}, expected ({len(f.coords)}, {encoder.embedding_dim})"
+            elif not np.isfinite(f.features).all():
+                failing[k] = "non-finite values"
+            elif not len(f.features):
+                failing[k] = f.provenance.get("error") or status_of(f.provenance)
+        yield dg.Output(out, metadata={**single_metadata(out, lambda k, f: {
+            "status": status_of(f.provenance), "patches": len(f.features), "dim": encoder.embedding_dim,
+            "seconds": f.provenance.get("seconds", 0.0),
+            "patches_per_second": f.provenance.get("patches_per_second", 0.0)}),
+            "encoder": pe.name, "device": device, "model_load_seconds": round(load_seconds, 3),
+            "weights_sha256": prov["weights_sha256"]})
+        yield check("features_valid", context.asset_key, failing, len(out))
+
+    return features
+
+
+def _embedding_asset(settings: Settings, se, common):
+    pe = settings.patch_encoder_for(se.name)
+    key = dg.AssetKey(["slide_embeddings", se.name])
+    version = version_of(LIB, se.name, weights_fingerprint(se.weights_path), pe.name)
+
+    @dg.asset(**common, key=key, group_name="features", code_version=version, kinds={"hdf5", "pytorch"},
+              pool="gpu", op_tags=GPU_TAGS, ins={"patch_features": dg.AssetIn(["patch_features", pe.name])},
+              metadata={COORDS_DIR_KEY: pe.coords_dir},
+              check_specs=[dg.AssetCheckSpec("embedding_valid", asset=key,
+                                             description="finite, the slide encoder's dimension")],
+              description=f"Slide embedding from {se.name} over {pe.name} features.")
+    def embedding(context: dg.AssetExecutionContext, patch_features: dict):
+        with lease_device(settings.device) as device:
+            model = slide_encoder_factory(se.name, weights_path=se.weights_path)
+
+            def one(k, f: Features, status: dict | None = None):
+                emb = slide_embedding(f.features, f.coords, f.attrs, model, device) if status is None else \
+                    np.full(model.embedding_dim, np.nan, np.float32)
+                status = status or {"status": "ok" if len(f.features) else status_of(f.provenance)}
+                return Features(emb, f.coords, f.attrs, feature_attrs(model, k, pe.coords_dir),
+                                {**status, "slide_encoder": se.name})
+
+            out = for_each_slide(context, patch_features, one,
+                                 lambda k, e: one(k, patch_features[k], {"status": "error", "error": e}))
+        failing = {k: status_of(f.provenance) for k, f in out.items()
+                   if f.features.shape != (model.embedding_dim,) or not np.isfinite(f.features).all()}
+        yield dg.Output(out, metadata={**single_metadata(out, lambda k, f: {
+            "status": status_of(f.provenance), "dim": int(f.features.shape[0]),
+            "norm": float(np.linalg.norm(f.features)) if np.isfinite(f.features).all() else -1.0}),
+            "slide_encoder": se.name})
+        yield check("embedding_valid", context.asset_key, failing, len(out))
+
+    return embedding
+
+
+def _cohort_embeddings_asset(settings: Settings, se):
+    pe = settings.patch_encoder_for(se.name)
+    upstream = dg.AssetKey(["slide_embeddings", se.name])
+
+    @dg.asset(key=["cohort_embeddings", se.name], deps=[upstream], group_name="cohort", kinds={"parquet"},
+              io_manager_key="trident_io", automation_condition=dg.AutomationCondition.eager(),
+              code_version=f"cohort-{LIB}", description=f"One row per slide: its {se.name} embedding.")
+    def cohort_embeddings(context: dg.AssetExecutionContext, trident_io: dg.ResourceParam[TridentIOManager]) -> pd.DataFrame:
+        keys = context.instance.get_dynamic_partitions("slides")
+        found = trident_io.read_existing(["slide_embeddings", se.name], keys, pe.coords_dir)
+        rows = [{"slide": k, "status": status_of(f.provenance),
+                 **{f"e{i}": float(v) for i, v in enumerate(f.features)}} for k, f in found.items()]
+        table = pd.DataFrame(rows)
+        context.add_output_metadata({"slides": len(table), "missing": len(keys) - len(table),
+                                     "preview": markdown_table(table.iloc[:, :6]) if len(table) else "empty"})
+        return table
+
+    return cohort_embeddings
+
+
+def qc_table(settings: Settings, trident_io: TridentIOManager, keys: list[str]) -> pd.DataFrame:
+    """Per slide: status, error, tissue area, mpp and patch count per coordinates setting."""
+    coords_dirs = list(settings.coords_configs)
+    tissue = trident_io.read_existing(["tissue_contours"], keys, None)
+    coords = {c: trident_io.read_existing(["patch_coords", c], keys, None) for c in coords_dirs}
+    rows = []
+    for k in keys:
+        t = tissue.get(k)
+        row = {"slide": k, "status": status_of(t.provenance) if t else "not_processed",
+               "error": str(t.provenance.get("error", "")) if t else "",
+               "tissue_area_px": round(float(t.gdf.area.sum())) if t else 0, "mpp": t.provenance.get("mpp") if t else None}
+        for c in coords_dirs:
+            row[f"patches_{c}"] = len(coords[c][k].coords) if k in coords[c] else -1
+        row["qc_pass"] = row["status"] == "ok" and all(row[f"patches_{c}"] > 0 for c in coords_dirs)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _qc_asset(settings: Settings):
+    deps = ["tissue_contours", *[["patch_coords", c] for c in settings.coords_configs]]
+
+    @dg.asset(key="cohort_qc", deps=deps, group_name="cohort", kinds={"parquet"}, io_manager_key="trident_io",
+              code_version=f"qc-{LIB}", automation_condition=dg.AutomationCondition.eager(),
+              description="Per slide: status, tissue area, patch counts; the table to review a cohort by.")
+    def cohort_qc(context: dg.AssetExecutionContext, trident_io: dg.ResourceParam[TridentIOManager]) -> pd.DataFrame:
+        table = qc_table(settings, trident_io, context.instance.get_dynamic_partitions("slides"))
+        context.add_output_metadata({"slides": len(table), "passing": int(table["qc_pass"].sum()) if len(table) else 0,
+                                     "table": markdown_table(table) if len(table) else "empty"})
+        return table
+
+    return cohort_qc

@@ -1,0 +1,28 @@
+"""The code location: assets, checks, jobs, sensors and resources built from the lab's settings."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from .assets import Inbox, build_assets, slides
+from .io_managers import TridentIOManager
+from .sensors import build_automation_sensor, build_inbox_sensor
+from .settings import Settings, load_settings
+
+
+def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+    settings = settings or load_settings()
+    assets = build_assets(settings)
+    per_slide = [a for a in assets if a.partitions_def is not None]
+    process_slides = dg.define_asset_job("process_slides", selection=per_slide, partitions_def=slides,
+                                         description="Every per-slide asset for the selected slides.")
+    cohort = dg.define_asset_job("refresh_cohort_tables", selection=dg.AssetSelection.groups("cohort"))
+    return dg.Definitions(
+        assets=assets,
+        jobs=[process_slides, cohort],
+        sensors=[build_inbox_sensor(process_slides, settings.sensor_max_new_slides), build_automation_sensor()],
+        resources={
+            "inbox": Inbox(path=settings.resolve(settings.inbox), extensions=list(settings.extensions)),
+            "trident_io": TridentIOManager(base_path=settings.resolve(settings.storage)),
+        },
+    )
