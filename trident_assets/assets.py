@@ -4,6 +4,7 @@ configured encoder (and one coordinates asset per patch setting)."""
 
 
 import time
+import warnings
 from typing import Callable
 
 import dagster as dg
@@ -28,6 +29,7 @@ from .io_managers import COORDS_DIR_KEY, Coords, Features, Tissue, TridentIOMana
 from .settings import Settings, version_of, weights_fingerprint
 
 slides = dg.DynamicPartitionsDefinition(name="slides")
+warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_policy.*")
 
 LIB = trident_lib.__version__
 GPU_TAGS = {
