@@ -5,6 +5,7 @@
   add       link (or copy) a folder of slides into the inbox; the sensor picks them up
   backfill  materialize assets (e.g. a new encoder) over the whole cohort, several slides per run
   status    per-slide status table
+  batch     TRIDENT-style batch processing of a folder without Dagster (also: convert, doctor)
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import argparse
 import os
 import shutil
 import sys
+
+from trident_lib.batch import add_subcommands
 
 from .settings import PROJECT_ROOT, load_settings
 
@@ -177,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     bf.set_defaults(fn=cmd_backfill)
     st = sub.add_parser("status", help="per-slide status")
     st.set_defaults(fn=cmd_status)
+    add_subcommands(sub)  # batch, convert, doctor: the library alone, no Dagster
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv[1:]
     return args.fn(args) or 0
 
 
