@@ -76,7 +76,6 @@ def main():
                 else:
                     exact = feats
                 results[f"{name}/{mode}"] = row
-                encoder = encoder.to(memory_format=torch.contiguous_format)
     print(f"\n{'encoder/mode':<28}{'a model':>9}{'b read':>9}{'c e2e':>9}{'c/a':>7}{'RSS MiB':>9}"
           f"{'speedup':>9}{'min cos':>10}")
     for key, r in results.items():

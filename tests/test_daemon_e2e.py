@@ -1,66 +1,30 @@
 """End to end: a real daemon and webserver; a slide dropped into the inbox becomes a slide embedding."""
 
-import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import h5py
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(cmd, env, log):
-    # Own process group: dagster processes ignore SIGTERM from a parent script; we stop the whole group.
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(proc):
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-
-
-def graphql(port: int, query: str) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read())
+from trident_assets.services import (free_port, graphql, instance_home, start_daemon, start_webserver, stop,
+                                     workspace_file)
 
 
 def test_inbox_to_embedding_with_daemon(tmp_path, slides):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    home = instance_home(tmp_path / "dagster_home")
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
     config = tmp_path / "trident.yaml"
     config.write_text(f"inbox: {inbox}\nstorage: {out}\npatch_encoders:\n  - name: efficientnet_lite0\n"
                       f"    batch_size: 16\nslide_encoders:\n  - mean-efficientnet_lite0\n")
-    workspace = tmp_path / "workspace.yaml"
-    workspace.write_text(f"load_from:\n  - python_module:\n      module_name: trident_assets\n"
-                         f"      working_directory: {ROOT}\n")
+    workspace = workspace_file(tmp_path / "workspace.yaml")
     env = {**os.environ, "DAGSTER_HOME": str(home), "TRIDENT_CONFIG": str(config), "PYTHONUNBUFFERED": "1"}
     port = free_port()
     log = open(tmp_path / "services.log", "w")
-    daemon = start([str(BIN / "dagster-daemon"), "run", "-w", str(workspace)], env, log)
-    web = start([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", str(workspace)], env, log)
+    daemon = start_daemon(workspace, env, log)
+    web = start_webserver(workspace, env, log, port)
     try:
         shutil.copy(slides["aperio_20x"], inbox / "new scan.svs")
         target = out / "20x_256px_0px_overlap" / "slide_features_mean-efficientnet_lite0"

@@ -24,7 +24,7 @@ from trident_lib.slide_encoder_models import encoder_factory as slide_encoder_fa
 from trident_lib.weights import find_weights
 
 from trident_lib.devices import lease_device
-from .inbox import SlideFile, local_path, scan_inbox
+from .inbox import SlideFile, local_path, redact, scan_inbox
 from .io_managers import COORDS_DIR_KEY, Coords, Features, Tissue, TridentIOManager, markdown_table, picture_md
 from .settings import Settings, version_of, weights_fingerprint
 
@@ -52,7 +52,8 @@ class Inbox(dg.ConfigurableResource):
     def resolve(self, key: str) -> SlideFile:
         found = self.scan().get(key)
         if found is None:
-            raise FileNotFoundError(f"{key}: the slide is registered but its file is no longer in {self.path}.")
+            raise FileNotFoundError(f"{key}: the slide is registered but its file is no longer in "
+                                    f"{redact(self.path)}.")
         return found
 
     def open(self, slide: SlideFile, **kwargs):
@@ -61,18 +62,26 @@ class Inbox(dg.ConfigurableResource):
 
 # -- helpers shared by the asset bodies ------------------------------------------------------------------
 
+BAD_INPUT = (SlideError, ValueError, ImportError, FileNotFoundError, PermissionError)
+# Transient errors (a flaky network filesystem read, say) are retried a bounded number of times;
+# bad input is not: retrying cannot fix a broken file.
+RETRY = dg.RetryPolicy(max_retries=2, delay=2, backoff=dg.Backoff.EXPONENTIAL)
+
+
 def for_each_slide(context, values: dict, fn: Callable, on_error: Callable[[str, str], object]) -> dict:
     """Run ``fn(key, value)`` per slide. In a batch, a slide that fails gets ``on_error(key, message)`` (a
-    valid empty output with status 'error' and a failed check) and the others carry on; a step with a single
-    slide fails with the slide's error, so its run shows it."""
+    valid empty output with status 'error' and a failed check) and the others carry on. A step with a single
+    slide fails with the slide's error, so its run shows it; transient errors there are retried (RETRY)."""
     results = {}
     for key, value in values.items():
         t0 = time.perf_counter()
         try:
             results[key] = fn(key, value)
-        except (SlideError, ValueError, OSError, ImportError, RuntimeError) as e:
+        except (*BAD_INPUT, OSError, RuntimeError) as e:
             if len(values) == 1:
-                raise dg.Failure(description=str(e), metadata={"slide": key}) from e
+                if isinstance(e, BAD_INPUT):
+                    raise dg.Failure(description=str(e), metadata={"slide": key}, allow_retries=False) from e
+                raise
             context.log.error(f"{key}: {e}")
             results[key] = on_error(key, str(e))
         context.log.info(f"{key}: {time.perf_counter() - t0:.2f}s")
@@ -90,9 +99,10 @@ def status_of(provenance: dict) -> str:
     return str(provenance.get("status", "ok"))
 
 
-def check(name: str, asset_key, failing: dict[str, str], total: int) -> dg.AssetCheckResult:
+def check(name: str, asset_key, failing: dict[str, str], total: int,
+          severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
-        check_name=name, asset_key=asset_key, passed=not failing,
+        check_name=name, asset_key=asset_key, passed=not failing, severity=severity,
         metadata={"slides_checked": total, "failing": dg.MetadataValue.json(failing)},
     )
 
@@ -111,7 +121,7 @@ def build_assets(settings: Settings) -> list:
     eager = dg.AutomationCondition.eager()
     backfill = dg.BackfillPolicy.multi_run(max_partitions_per_run=settings.backfill_slides_per_run)
     common = dict(partitions_def=slides, io_manager_key="trident_io", automation_condition=eager,
-                  backfill_policy=backfill)
+                  backfill_policy=backfill, retry_policy=RETRY)
 
     @dg.asset(**common, group_name="slides", code_version=f"slide-file-{LIB}", kinds={"file"},
               description="The slide file behind each slide id: path, original name, size, mpp override.")
@@ -122,10 +132,11 @@ def build_assets(settings: Settings) -> list:
             if key in found:
                 out[key] = found[key]
             else:
-                missing[key] = f"{key}: no file for this slide in {inbox.path} (deleted or renamed)."
+                missing[key] = f"{key}: no file for this slide in {redact(inbox.path)} (deleted or renamed)."
         if missing:
-            raise dg.Failure(description="; ".join(missing.values()), metadata={"missing": list(missing)})
-        meta = single_metadata(out, lambda k, s: {"file_name": s.name, "path": s.path, "size_bytes": s.size,
+            raise dg.Failure(description="; ".join(missing.values()), metadata={"missing": list(missing)},
+                             allow_retries=False)
+        meta = single_metadata(out, lambda k, s: {"file_name": s.name, "path": redact(s.path), "size_bytes": s.size,
                                                  "mpp_override": s.mpp if s.mpp else "none"})
         version = dg.DataVersion(next(iter(out.values())).fingerprint) if len(out) == 1 else None
         return dg.Output(out, metadata=meta, data_version=version)
@@ -237,7 +248,9 @@ def _features_asset(settings: Settings, pe, common):
               ins={"patch_coords": dg.AssetIn(coords_key), "slide_file": dg.AssetIn("slide_file")},
               metadata={COORDS_DIR_KEY: pe.coords_dir},
               check_specs=[dg.AssetCheckSpec("features_valid", asset=key,
-                                             description="finite, one row per patch, the encoder's width")],
+                                             description="finite, one row per patch, the encoder's width"),
+                           dg.AssetCheckSpec("tiles_readable", asset=key,
+                                             description="no patch had to be read as blank (corrupt tiles)")],
               description=f"Patch features from {pe.name} at {pe.coords_dir} (GPU pool).")
     def features(context: dg.AssetExecutionContext, inbox: Inbox, slide_file: dict, patch_coords: dict):
         with lease_device(settings.device) as device:
@@ -253,12 +266,12 @@ def _features_asset(settings: Settings, pe, common):
             def one(k, c: Coords):
                 if status_of(c.provenance) == "error" or not len(c.coords):
                     return empty(k, c, {key: v for key, v in c.provenance.items() if key in ("status", "error")})
-                t = time.perf_counter()
+                t, stats = time.perf_counter(), {}
                 with inbox.open(slide_file[k]) as wsi:
-                    feats = patch_features(wsi, encoder, c.coords, c.attrs, device, pe.batch_size)
+                    feats = patch_features(wsi, encoder, c.coords, c.attrs, device, pe.batch_size, stats=stats)
                 secs = time.perf_counter() - t
                 return Features(feats, c.coords, c.attrs, feature_attrs(encoder, k, pe.coords_dir),
-                                {**prov, "status": "ok", "seconds": round(secs, 3),
+                                {**prov, "status": "ok", "seconds": round(secs, 3), "blank_tiles": stats["blank_tiles"],
                                  "patches_per_second": round(len(feats) / max(secs, 1e-9), 1)})
 
             out = for_each_slide(context, patch_coords, one,
@@ -271,13 +284,16 @@ def _features_asset(settings: Settings, pe, common):
                 failing[k] = "non-finite values"
             elif not len(f.features):
                 failing[k] = f.provenance.get("error") or status_of(f.provenance)
+        blank = {k: f"{f.provenance['blank_tiles']} blank patch(es): corrupt tiles" for k, f in out.items()
+                 if f.provenance.get("blank_tiles")}
         yield dg.Output(out, metadata={**single_metadata(out, lambda k, f: {
             "status": status_of(f.provenance), "patches": len(f.features), "dim": encoder.embedding_dim,
-            "seconds": f.provenance.get("seconds", 0.0),
+            "seconds": f.provenance.get("seconds", 0.0), "blank_tiles": f.provenance.get("blank_tiles", 0),
             "patches_per_second": f.provenance.get("patches_per_second", 0.0)}),
             "encoder": pe.name, "device": device, "model_load_seconds": round(load_seconds, 3),
             "weights_sha256": prov["weights_sha256"]})
         yield check("features_valid", context.asset_key, failing, len(out))
+        yield check("tiles_readable", context.asset_key, blank, len(out), dg.AssetCheckSeverity.WARN)
 
     return features
 

@@ -155,7 +155,7 @@ def cmd_status(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trident-dagster", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,8 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="per-slide status")
     st.set_defaults(fn=cmd_status)
     add_subcommands(sub)  # batch, convert, doctor: the library alone, no Dagster
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.argv = argv[1:]
     return args.fn(args) or 0
 

@@ -10,7 +10,8 @@ from .sensors import build_automation_sensor, build_inbox_sensor
 from .settings import Settings, load_settings
 
 
-def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+def build_definitions(settings: Settings | None = None, resources: dict | None = None) -> dg.Definitions:
+    """``resources`` replaces the default ones (for example a different inbox in tests)."""
     settings = settings or load_settings()
     assets = build_assets(settings)
     per_slide = [a for a in assets if a.partitions_def is not None]
@@ -19,10 +20,14 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     cohort = dg.define_asset_job("refresh_cohort_tables", selection=dg.AssetSelection.groups("cohort"))
     return dg.Definitions(
         assets=assets,
+        # One process per run: a step in its own process re-imports torch and the models (~5 s each);
+        # parallelism comes from several runs at once and from the data-loader workers inside a step.
+        executor=dg.in_process_executor,
         jobs=[process_slides, cohort],
         sensors=[build_inbox_sensor(process_slides, settings.sensor_max_new_slides), build_automation_sensor()],
         resources={
             "inbox": Inbox(path=settings.resolve(settings.inbox), extensions=list(settings.extensions)),
             "trident_io": TridentIOManager(base_path=settings.resolve(settings.storage)),
+            **(resources or {}),
         },
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from dataclasses import asdict, dataclass
 
 import fsspec
@@ -40,6 +41,11 @@ class SlideFile:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def redact(url: str) -> str:
+    """Hide credentials written into a URL (``s3://key:secret@bucket``) before it reaches logs or metadata."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]+@", r"\1***@", str(url))
 
 
 def _is_slide_name(name: str) -> bool:

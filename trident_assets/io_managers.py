@@ -24,7 +24,7 @@ import fsspec
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-from dagster import ConfigurableIOManager, InputContext, MetadataValue, OutputContext
+from dagster import ConfigurableIOManager, Failure, InputContext, MetadataValue, OutputContext
 
 from trident_lib.contours import load_geojson, save_geojson
 from trident_lib.patching import draw_coords
@@ -32,7 +32,7 @@ from trident_lib.segmentation import THUMBNAIL_SIZE
 from trident_lib.io import (save_image, atomic_path, read_coords_h5, read_features_h5, read_provenance, save_coords_h5,
                             save_features_h5)
 
-from .inbox import SlideFile
+from .inbox import SlideFile, redact
 from .keys import validate_key
 
 COORDS_DIR_KEY = "trident/coords_dir"
@@ -193,7 +193,7 @@ class TridentIOManager(ConfigurableIOManager):
         for slide, value in values.items():
             self._write(self.path_for(context, slide), lambda p, value=value: _write_local(p, value))
         first = self.path_for(context, next(iter(values)))
-        context.add_output_metadata({"path": first if len(values) == 1 else posixpath.dirname(first)})
+        context.add_output_metadata({"path": redact(first if len(values) == 1 else posixpath.dirname(first))})
 
     def load_input(self, context: InputContext):
         upstream = context.upstream_output
@@ -203,13 +203,15 @@ class TridentIOManager(ConfigurableIOManager):
         out = {}
         for slide in slides:
             path = self.path_for(upstream, slide)
+            # A missing or unreadable upstream file is not transient: fail without retries, saying what to do.
             if not fs.exists(path):
-                raise FileNotFoundError(f"{slide}: {name} has no output at {path}; materialize it first.")
+                raise Failure(f"{slide}: {name} has no output at {redact(path)}; materialize it first.",
+                              allow_retries=False)
             try:
                 out[slide] = self._read(path, context.asset_key.path[0])
             except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
-                raise ValueError(f"{slide}: the upstream output {path} is unreadable ({e}); re-materialize "
-                                 f"{name} for this slide.") from e
+                raise Failure(f"{slide}: the upstream output {redact(path)} is unreadable ({e}); re-materialize "
+                              f"{name} for this slide.", allow_retries=False) from e
         return out if slides != [None] else out[None]
 
 

@@ -6,6 +6,7 @@ import json
 import dagster as dg
 
 from .assets import Inbox, slides
+from .inbox import redact
 
 
 def build_inbox_sensor(job, max_per_tick: int) -> dg.SensorDefinition:
@@ -19,7 +20,7 @@ def build_inbox_sensor(job, max_per_tick: int) -> dg.SensorDefinition:
         todo = sorted(k for k, sf in found.items() if seen.get(k) != sf.fingerprint)
         batch = todo[:max_per_tick]
         if not batch:
-            return dg.SkipReason(f"no new slides in {inbox.path} ({len(found)} known)")
+            return dg.SkipReason(f"no new slides in {redact(inbox.path)} ({len(found)} known)")
         known = set(context.instance.get_dynamic_partitions(slides.name))
         new = [k for k in batch if k not in known]
         runs = [dg.RunRequest(run_key=f"{k}:{found[k].fingerprint}", partition_key=k,

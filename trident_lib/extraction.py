@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .data import WSIPatcherDataset, make_loader, resolve_device
+from .fastpath import fast_cpu_variant
 from .io import atomic_path, read_coords_h5, read_features_h5, save_features_h5
 from .patching import patcher_from_coords
 
@@ -25,10 +26,9 @@ def autocast_context(device: torch.device, precision: torch.dtype, fast_cpu: boo
 
 
 def prepare_encoder(encoder: torch.nn.Module, device: torch.device, fast_cpu: bool = False) -> torch.nn.Module:
-    encoder = encoder.to(device).eval()
     if fast_cpu and device.type == "cpu":
-        encoder = encoder.to(memory_format=torch.channels_last)
-    return encoder
+        return fast_cpu_variant(encoder.to(device).eval())
+    return encoder.to(device).eval()
 
 
 def embed_batches(encoder, batches, device: torch.device, fast_cpu: bool = False) -> np.ndarray:
@@ -46,17 +46,36 @@ def embed_batches(encoder, batches, device: torch.device, fast_cpu: bool = False
     return torch.cat(out).numpy()
 
 
+class _TileDataset(WSIPatcherDataset):
+    """Also says, per patch, whether a damaged tile had to be replaced by a blank one (counted in the worker
+    that read it, so the count survives the process boundary)."""
+
+    def __getitem__(self, index):
+        before = getattr(self.patcher.wsi, "blank_tiles", 0)
+        img, xy = super().__getitem__(index)
+        return img, xy, getattr(self.patcher.wsi, "blank_tiles", 0) - before
+
+
 def patch_features(wsi, patch_encoder, coords: np.ndarray, attrs: dict, device: str = "cpu",
-                   batch_limit: int = 512, num_workers: int | None = None, fast_cpu: bool = False) -> np.ndarray:
+                   batch_limit: int = 512, num_workers: int | None = None, fast_cpu: bool = False,
+                   stats: dict | None = None) -> np.ndarray:
     """(N, D) float32 features of the listed patches: the one implementation behind every features output.
-    Empty coordinates give (0, D) without running the model."""
+    Empty coordinates give (0, D) without running the model. ``stats`` (a dict) receives ``blank_tiles``:
+    patches read as blank because their tiles were corrupt."""
     dev = resolve_device(device)
+    if stats is not None:
+        stats["blank_tiles"] = 0
     if not len(coords):
         return np.zeros((0, getattr(patch_encoder, "embedding_dim", None) or 0), np.float32)
     patcher = patcher_from_coords(wsi, coords, attrs, pil=True)
-    loader = make_loader(WSIPatcherDataset(patcher, patch_encoder.eval_transforms), batch_limit, num_workers,
-                         device)
-    return embed_batches(prepare_encoder(patch_encoder, dev, fast_cpu), loader, dev, fast_cpu)
+    dataset = _TileDataset(patcher, patch_encoder.eval_transforms)
+    loader = make_loader(dataset, batch_limit, num_workers, device)
+    blanks = []
+    batches = ((imgs, blanks.append(int(b.sum()))) for imgs, _, b in loader)
+    features = embed_batches(prepare_encoder(patch_encoder, dev, fast_cpu), batches, dev, fast_cpu)
+    if stats is not None:
+        stats["blank_tiles"] = sum(blanks)
+    return features
 
 
 def extract_patch_features(wsi, patch_encoder, coords_path: str, save_features: str, device: str = "cuda:0",

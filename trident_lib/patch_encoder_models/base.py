@@ -58,6 +58,7 @@ class EncoderSpec:
     load_weights: Callable | None = None  # (model, path) for formats that need their own loader
     packaged_weights: Callable[[], str] | None = None  # weights shipped inside an installed package
     from_folder: bool = False  # the architecture is defined by the checkpoint folder's config (transformers)
+    fast_fp32_modules: tuple[str, ...] = ()  # kept in fp32 on the bf16 CPU fast path (see trident_lib.fastpath)
     licence: str = "see the model card"
     notes: str = ""
     extra_kwargs: dict = field(default_factory=dict)

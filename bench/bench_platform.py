@@ -1,0 +1,115 @@
+"""Orchestration overhead of a cohort backfill: a real daemon and webserver, a 20-slide backfill launched
+through the webserver's GraphQL API (as the UI does), against the library doing the same work in one
+plain process (the baseline, measured in the same run).
+
+    .venv/bin/python bench/bench_platform.py [--slides 20]
+"""
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from common import peak_rss_mib, save
+
+from trident_assets.services import (free_port, graphql, instance_home, start_daemon, start_webserver, stop,
+                                     workspace_file)
+from trident_lib import load_wsi
+from trident_lib.extraction import patch_features, slide_embedding
+from trident_lib.patch_encoder_models import encoder_factory
+from trident_lib.patching import tissue_coords
+from trident_lib.segmentation import segment_tissue
+from trident_lib.segmentation_models import segmentation_model_factory
+from trident_lib.slide_encoder_models import encoder_factory as slide_encoder_factory
+from trident_lib.synthetic import Ellipse, SlideSpec, write_slide
+
+LAUNCH = """mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
+  __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
+STATUS = """query($id: String!) { partitionBackfillOrError(backfillId: $id) {
+  ... on PartitionBackfill { status } } }"""
+ASSETS = [["slide_file"], ["tissue_contours"], ["patch_coords", "20x_256px_0px_overlap"],
+          ["patch_features", "efficientnet_lite0"], ["slide_embeddings", "mean-efficientnet_lite0"]]
+
+
+def library_baseline(paths: list[str]) -> float:
+    """The same stages in one process, models loaded once: what the platform must not add much to."""
+    seg = segmentation_model_factory("otsu")
+    enc = encoder_factory("efficientnet_lite0")
+    mean = slide_encoder_factory("mean-efficientnet_lite0")
+    t0 = time.perf_counter()
+    for p in paths:
+        with load_wsi(p) as wsi:
+            gdf = segment_tissue(wsi, seg, holes_are_tissue=False, device="cpu")
+            coords, attrs = tissue_coords(wsi, 20, 256, mask=gdf)
+            feats = patch_features(wsi, enc, coords, attrs, "cpu", 32)
+            slide_embedding(feats, coords, attrs, mean, "cpu")
+    return time.perf_counter() - t0
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--slides", type=int, default=20)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="trident-bench-platform-"))
+    inbox, out = tmp / "inbox", tmp / "out"
+    paths = [write_slide(str(inbox / f"s{i:02d}.svs"), SlideSpec(3072, 2048, seed=i, tissue=[
+        Ellipse(1536, 1024, 1100 + 10 * i, 700)])) for i in range(args.slides)]
+    base = library_baseline(paths)
+
+    home = instance_home(tmp / "home")
+    config = tmp / "trident.yaml"
+    config.write_text(f"inbox: {inbox}\nstorage: {out}\nbackfill_slides_per_run: 10\nsensor_max_new_slides: 0\n"
+                      f"patch_encoders:\n  - name: efficientnet_lite0\n    batch_size: 32\n"
+                      f"slide_encoders:\n  - mean-efficientnet_lite0\n")
+    env = {**os.environ, "DAGSTER_HOME": str(home), "TRIDENT_CONFIG": str(config)}
+    workspace = workspace_file(tmp / "workspace.yaml")
+    port = free_port()
+    log = open(tmp / "services.log", "w")
+    web = start_webserver(workspace, env, log, port)
+    daemon = None
+    try:
+        deadline = time.time() + 120
+        while True:  # wait for the webserver and let the sensor register the slides
+            try:
+                if graphql(port, "{ version }").get("data"):
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline, "webserver did not start"
+            time.sleep(1)
+        os.environ["DAGSTER_HOME"] = str(home)
+        import dagster as dg
+
+        instance = dg.DagsterInstance.get()
+        keys = sorted(p.name for p in inbox.iterdir())
+        instance.add_dynamic_partitions("slides", keys)
+        daemon = start_daemon(workspace, env, log)
+        t0 = time.perf_counter()
+        res = graphql(port, LAUNCH, {"p": {"assetSelection": [{"path": a} for a in ASSETS], "partitionNames": keys}})
+        launched = res["data"]["launchPartitionBackfill"]
+        assert launched["__typename"] == "LaunchBackfillSuccess", res
+        while True:
+            status = graphql(port, STATUS, {"id": launched["backfillId"]})["data"]["partitionBackfillOrError"]["status"]
+            if status not in ("REQUESTED", "CANCELING", "FAILING"):
+                break
+            time.sleep(1)
+        wall = time.perf_counter() - t0
+    finally:
+        if daemon:
+            stop(daemon)
+        stop(web)
+        log.close()
+    done = len(list((out / "20x_256px_0px_overlap" / "slide_features_mean-efficientnet_lite0").glob("*.h5")))
+    n = args.slides
+    print(f"backfill of {n} slides ({status}, {done} embeddings written), 10 slides per run")
+    print(f"library alone, one process:   {base:8.1f} s   {base / n:6.2f} s/slide (baseline)")
+    print(f"Dagster backfill, wall time:  {wall:8.1f} s   {wall / n:6.2f} s/slide  ({wall / base:.2f} x baseline)")
+    print(f"orchestration overhead:       {wall - base:8.1f} s   {(wall - base) / n:6.2f} s/slide")
+    save("platform", {"slides": n, "status": status, "embeddings": done, "library_s": base, "backfill_wall_s": wall,
+                      "wall_per_slide_s": wall / n, "overhead_per_slide_s": (wall - base) / n,
+                      "peak_rss_mib": peak_rss_mib()})
+
+
+if __name__ == "__main__":
+    main()

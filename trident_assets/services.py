@@ -1,0 +1,68 @@
+"""Starting and stopping a Dagster daemon and webserver from scripts and tests, and talking to the
+webserver's GraphQL API (what the UI does)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from .settings import PROJECT_ROOT
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def instance_home(folder: Path) -> Path:
+    """A fresh DAGSTER_HOME with the project's dagster.yaml."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(PROJECT_ROOT / "dagster_home" / "dagster.yaml", folder / "dagster.yaml")
+    return folder
+
+
+def workspace_file(path: Path) -> Path:
+    path.write_text(f"load_from:\n  - python_module:\n      module_name: trident_assets\n"
+                    f"      working_directory: {PROJECT_ROOT}\n")
+    return path
+
+
+def start(cmd: list[str], env: dict, log) -> subprocess.Popen:
+    # Its own process group: dagster processes started from a script ignore SIGTERM from their parent,
+    # so we stop the whole group.
+    return subprocess.Popen(cmd, env=env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def start_daemon(workspace: Path, env: dict, log) -> subprocess.Popen:
+    return start([str(BIN / "dagster-daemon"), "run", "-w", str(workspace)], env, log)
+
+
+def start_webserver(workspace: Path, env: dict, log, port: int) -> subprocess.Popen:
+    return start([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", str(workspace)], env, log)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def graphql(port: int, query: str, variables: dict | None = None, timeout: float = 60) -> dict:
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
