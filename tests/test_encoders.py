@@ -182,3 +182,77 @@ def test_slide_encoders():
         se.encoder_factory("titan")
     with pytest.raises(ValueError, match="Known"):
         se.encoder_factory("nope")
+
+
+def test_device_lease_is_exclusive_and_survives_crashes(monkeypatch, tmp_path):
+    import multiprocessing as mp
+    import os
+    import signal
+
+    from trident_lib import devices
+
+    monkeypatch.setattr(devices, "gpu_count", lambda: 2)
+    monkeypatch.setattr(devices, "LEASE_DIR", str(tmp_path))
+    with devices.lease_device("auto") as a, devices.lease_device("auto") as b:
+        assert {a, b} == {"cuda:0", "cuda:1"}
+    with devices.lease_device("cpu") as c:
+        assert c == "cpu"
+
+    ready = mp.get_context("fork").Event()
+
+    def hold():  # a step that takes cuda:0 and then crashes hard
+        with devices.lease_device("auto"):
+            ready.set()
+            signal.pause()
+
+    proc = mp.get_context("fork").Process(target=hold)
+    proc.start()
+    assert ready.wait(30)
+    with devices.lease_device("auto") as d:
+        assert d == "cuda:1"  # cuda:0 is held
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    with devices.lease_device("auto") as e:
+        assert e == "cuda:0"  # the kernel released the dead step's lease
+
+
+def test_heatmap(tmp_path, slides):
+    from trident_lib import visualize_heatmap
+
+    coords = np.array([[0, 0], [512, 0], [1024, 1024]])
+    with tl.load_wsi(slides["aperio_40x"]) as wsi:
+        path = visualize_heatmap(wsi, np.array([0.0, 0.5, 1.0]), coords, 512, vis_level=2,
+                                 num_top_patches_to_save=2, output_dir=str(tmp_path), filename="h.png")
+    img = np.asarray(Image.open(path))
+    assert img.shape == (768, 1024, 3)
+    assert img[5, 5, 2] > img[5, 5, 0]  # low score: blue side of coolwarm
+    assert img[260, 260, 0] > img[260, 260, 2]  # high score: red side
+    assert len(list((tmp_path / "topk").glob("*.png"))) == 2
+    assert sorted(p.name for p in (tmp_path / "topk").glob("*.png"))[0].startswith("000_x1024_y1024")
+
+
+def test_model_code_from_a_local_folder_only(tmp_path):
+    import transformers
+
+    folder = tmp_path / "keep"
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                 image_size=224, patch_size=32)
+    transformers.ViTModel(cfg).save_pretrained(folder)
+    enc = encoder_factory("keep", weights_path=str(folder))
+    out = enc(torch.rand(2, 3, 224, 224))
+    assert out.shape == (2, 32) and enc.weights_path.endswith("config.json")
+
+
+def test_fast_cpu_path_is_close_and_cached():
+    from trident_lib.fastpath import fast_cpu_variant
+
+    enc = encoder_factory("efficientnet_lite0")
+    x = torch.rand(4, 3, 224, 224)
+    fast = fast_cpu_variant(enc)
+    assert fast is fast_cpu_variant(enc)
+    with torch.inference_mode():
+        exact = enc(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            approx = fast(x.contiguous(memory_format=torch.channels_last)).float()
+    assert torch.nn.functional.cosine_similarity(exact, approx).min() > 0.998
+    assert not hasattr(enc.model.conv_stem, "module")  # the original encoder is untouched

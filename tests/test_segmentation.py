@@ -81,3 +81,33 @@ def test_deep_segmenters_load_local_weights(name, tmp_path):
 def test_unknown_segmenter():
     with pytest.raises(ValueError, match="otsu"):
         segmentation_model_factory("nope")
+
+
+def test_segment_semantic_and_whole_slide_otsu(slides):
+    per_tile = segmentation_model_factory("otsu")
+    whole = segmentation_model_factory("otsu", whole_slide=True)
+    with tl.load_wsi(slides["aperio_40x"]) as wsi:
+        mask, scale, contours = wsi.segment_semantic(per_tile, device="cpu", return_contours=True)
+        assert scale == 32 and mask.shape == (96, 128) and set(np.unique(mask)) == {0, 1}
+        assert list(contours["class"].unique()) == [1] and len(contours) == 2
+        gdf_whole = wsi.segment_tissue(whole, device="cpu")
+        gdf_tiles = wsi.segment_tissue(per_tile, device="cpu")
+    expected = np.pi * 900 * 700 + np.pi * 600 * 500
+    assert abs(gdf_whole.area.sum() - expected) / expected < 0.05
+    assert abs(gdf_whole.area.sum() - gdf_tiles.area.sum()) / expected < 0.05
+
+
+def test_segment_semantic_custom_inference(slides):
+    import torch
+
+    seg = segmentation_model_factory("otsu")
+    calls = []
+
+    def inference_fn(model, batch, device):
+        calls.append(1)
+        imgs, _ = batch
+        return torch.ones(imgs.shape[0], 512, 512, dtype=torch.uint8) * 2  # everything is class 2
+
+    with tl.load_wsi(slides["aperio_40x"]) as wsi:
+        mask, _ = wsi.segment_semantic(seg, device="cpu", inference_fn=inference_fn)
+    assert calls and (mask == 2).all()

@@ -126,9 +126,10 @@ def cmd_backfill(args) -> int:
     instance = _instance()
     defs = build_definitions(settings)
     keys = _ordered(instance, args.slides or _register_inbox(instance, settings))
-    selection = dg.AssetSelection.assets(*[dg.AssetKey.from_user_string(a) for a in args.asset]).upstream(
-    ) if args.with_upstream else dg.AssetSelection.assets(*[dg.AssetKey.from_user_string(a) for a in args.asset])
-    keys_sel = selection.resolve(defs.resolve_asset_graph())
+    selection = dg.AssetSelection.assets(*[dg.AssetKey.from_user_string(a) for a in args.asset])
+    if args.with_upstream:
+        selection = selection.upstream()
+    keys_sel = sorted(selection.resolve(defs.resolve_asset_graph()))
     failed = materialize_in_batches(defs, instance, "process_slides", keys, args.batch or
                                     settings.backfill_slides_per_run, selection=keys_sel)
     print(f"done: {len(keys) - len(failed)} slide(s) ok, {len(failed)} in failed runs")

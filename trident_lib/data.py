@@ -29,6 +29,15 @@ def default_num_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
+def _lower_priority(_worker_id: int) -> None:
+    # Readers yield the cores to the model and fill the prefetch queue with what is left: on a small
+    # CPU machine this keeps end-to-end throughput within a few percent of the model alone.
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+
+
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int | None, device: str) -> DataLoader:
     workers = default_num_workers() if num_workers is None else int(num_workers)
     if len(dataset) <= batch_size:  # one batch: a worker process would only add start-up time
@@ -42,6 +51,7 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int | None, devi
         pin_memory=cuda,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
+        worker_init_fn=_lower_priority if workers else None,
         multiprocessing_context="fork" if workers and os.name == "posix" else None,
     )
 

@@ -7,6 +7,7 @@ import time
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import torch
 
 from .contours import gdf_from_polygons, mask_to_gdf, save_geojson, tissue_union
@@ -24,26 +25,69 @@ def segmentation_mag(wsi, model, target_mag: float | None = None) -> float:
 
 
 def predict_mask(wsi, model, target_mag: float | None = None, batch_size: int = 16, device: str = "cpu",
-                 num_workers: int | None = None, verbose: bool = False) -> tuple[np.ndarray, float]:
+                 num_workers: int | None = None, verbose: bool = False, collate_fn=None,
+                 inference_fn=None) -> tuple[np.ndarray, float]:
     """(H, W) uint8 class map over the whole slide at the model's magnification, and its scale in level-0
-    pixels per mask pixel. Tiles are read and transformed in worker processes while the model runs."""
+    pixels per mask pixel. Tiles are read and transformed in worker processes while the model runs.
+
+    ``collate_fn`` / ``inference_fn`` follow the seed's ``segment_semantic`` contract: a custom batch is a
+    dict with ``xcoords`` and ``ycoords`` (and ``img`` when there is no ``inference_fn``), and
+    ``inference_fn(model, batch, device)`` returns (B, H, W) uint8.
+    """
     wsi._lazy_initialize()
     mag = segmentation_mag(wsi, model, target_mag)
+    if getattr(model, "whole_slide", False):
+        return _whole_slide_mask(wsi, model, mag)
     size = model.input_size
     patcher = WSIPatcher(wsi, size, dst_mag=mag, pil=True)
     patcher.valid_coords = grid_coords(patcher.cols, patcher.rows, patcher.step)  # every tile, even partial
     loader = make_loader(WSIPatcherDataset(patcher, model.eval_transforms), batch_size, num_workers, device)
+    if collate_fn is not None:
+        loader = torch.utils.data.DataLoader(loader.dataset, batch_size=batch_size, collate_fn=collate_fn,
+                                             num_workers=loader.num_workers)
     full = np.zeros((patcher.rows * size, patcher.cols * size), np.uint8)
     model = model.to(device)
     with torch.inference_mode():
-        for imgs, (xs, ys) in loader:
-            pred = model(imgs.to(device, non_blocking=True)).cpu().numpy().astype(np.uint8)
-            for p, x, y in zip(pred, xs.tolist(), ys.tolist()):
+        for batch in loader:
+            if collate_fn is not None:
+                xs, ys = batch["xcoords"], batch["ycoords"]
+                pred = inference_fn(model, batch, device) if inference_fn else model(batch["img"].to(device))
+            else:
+                imgs, (xs, ys) = batch
+                pred = inference_fn(model, (imgs, (xs, ys)), device) if inference_fn else \
+                    model(imgs.to(device, non_blocking=True))
+            pred = pred.cpu().numpy().astype(np.uint8)
+            for p, x, y in zip(pred, np.asarray(xs).tolist(), np.asarray(ys).tolist()):
                 r, c = y // patcher.step, x // patcher.step
                 full[r * size:(r + 1) * size, c * size:(c + 1) * size] = p
     scale = patcher.patch_size_src / size
     h, w = int(np.ceil(wsi.height / scale)), int(np.ceil(wsi.width / scale))
     return full[:h, :w], scale
+
+
+def _whole_slide_mask(wsi, model, mag: float) -> tuple[np.ndarray, float]:
+    """One threshold for the whole slide (OtsuSegmenter(whole_slide=True)) instead of one per tile."""
+    scale = float(wsi.mag) / mag
+    w, h = max(1, round(wsi.width / scale)), max(1, round(wsi.height / scale))
+    image = wsi.get_thumbnail((w, h)).resize((w, h))
+    return np.asarray(model.eval_transforms(image)).astype(np.uint8), wsi.width / w
+
+
+def segment_semantic(wsi, segmentation_model, target_mag: int = 10, batch_size: int = 16, device: str = "cuda:0",
+                     verbose=False, num_workers=None, collate_fn=None, inference_fn=None, return_contours=False):
+    """The class map at the segmentation magnification and its downscale factor (level-0 px per mask px);
+    with ``return_contours`` also a GeoDataFrame of each class's polygons (column ``class``)."""
+    mask, scale = predict_mask(wsi, segmentation_model, target_mag, batch_size, device, num_workers, verbose,
+                               collate_fn, inference_fn)
+    if not return_contours:
+        return mask, scale
+    parts = []
+    for value in sorted(int(v) for v in np.unique(mask) if v):
+        gdf = mask_to_gdf(mask == value, scale)
+        gdf["class"] = value
+        parts.append(gdf)
+    contours = gpd.GeoDataFrame(pd.concat(parts, ignore_index=True)) if parts else gdf_from_polygons([])
+    return mask, scale, contours
 
 
 def segment_tissue(wsi, segmentation_model, target_mag: float = 10, holes_are_tissue: bool = True,

@@ -198,6 +198,14 @@ class WSI(ABC):
                               holes_are_tissue=holes_are_tissue, job_dir=job_dir, batch_size=batch_size,
                               device=device, verbose=verbose, num_workers=num_workers, **kwargs)
 
+    def segment_semantic(self, segmentation_model, target_mag: int = 10, batch_size: int = 16,
+                         device: str = "cuda:0", verbose=False, num_workers=None, collate_fn=None, inference_fn=None,
+                         return_contours=False):
+        from ..segmentation import segment_semantic
+
+        return segment_semantic(self, segmentation_model, target_mag, batch_size, device, verbose, num_workers,
+                                collate_fn, inference_fn, return_contours)
+
     def extract_tissue_coords(self, target_mag: int, patch_size: int, save_coords: str, overlap: int = 0,
                               min_tissue_proportion: float = 0.0, **kwargs) -> str:
         from ..patching import extract_tissue_coords

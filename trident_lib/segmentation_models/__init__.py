@@ -101,10 +101,16 @@ class _OtsuTransform:
 
 
 class OtsuSegmenter(SegmentationModel):
-    """Classical two-pass Otsu tissue segmentation, per 512-px tile at 1.25x (no weights)."""
+    """Classical two-pass Otsu tissue segmentation, per 512-px tile at 1.25x (no weights), as TRIDENT does:
+    the threshold and the hole filling are per tile, so a hole cut by a tile border gets straight edges.
+    ``whole_slide=True`` thresholds the whole slide at once instead."""
 
     target_mag = 1.25
     input_size = 512
+
+    def __init__(self, whole_slide: bool = False, **kwargs):
+        self.whole_slide = whole_slide
+        super().__init__(**kwargs)
 
     def _build(self, **kwargs):
         return None, _OtsuTransform()
