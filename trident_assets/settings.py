@@ -56,7 +56,7 @@ class Settings:
     use_measured_mpp: bool = False
     device: str = "auto"  # "auto" picks a free GPU when there is one, else the CPU
     sensor_max_new_slides: int = 50
-    backfill_slides_per_run: int = 8
+    backfill_slides_per_run: int = 16
     patch_encoders: tuple[PatchEncoderConfig, ...] = (PatchEncoderConfig(DEFAULT_ENCODER),)
     slide_encoders: tuple[SlideEncoderConfig, ...] = (SlideEncoderConfig(f"mean-{DEFAULT_ENCODER}"),)
     extensions: tuple[str, ...] = field(default=())
