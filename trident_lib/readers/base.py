@@ -87,6 +87,7 @@ class WSI(ABC):
         if self._ready:
             self._close()
         self._ready = False
+        self.gdf_contours = None  # per-slide results must not pile up over a long cohort
 
     close = release
 
