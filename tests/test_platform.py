@@ -218,3 +218,31 @@ def test_automation_sensor_runs_by_default():
     auto = defs.resolve_sensor_def("trident_automation")
     assert auto.default_status == dg.DefaultSensorStatus.RUNNING
     assert defs.resolve_sensor_def("inbox_sensor").default_status == dg.DefaultSensorStatus.RUNNING
+
+
+def test_fsspec_inbox_and_storage(tmp_path, slides):
+    """Inbox and outputs on an fsspec filesystem (memory:// here, s3:// in a lab): same assets, same files."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.put(slides["aperio_20x"], "/inbox-t/remote scan.svs")
+    settings = Settings(inbox="memory://inbox-t", storage="memory://out-t",
+                        patch_encoders=(PatchEncoderConfig("efficientnet_lite0", batch_size=16),),
+                        slide_encoders=(SlideEncoderConfig("mean-efficientnet_lite0"),))
+    defs = build_definitions(settings, resources={"inbox": Inbox(path=settings.inbox,
+                                                                 cache_dir=str(tmp_path / "cache"))})
+    keys = list(Inbox(path=settings.inbox).scan())
+    assert len(keys) == 1 and keys[0].startswith("remote_scan-") and keys[0].endswith(".svs")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("slides", keys)
+        assert defs.resolve_job_def("process_slides").execute_in_process(partition_key=keys[0],
+                                                                         instance=instance).success
+    out = f"/out-t/{COORDS_DIR}/features_efficientnet_lite0/{keys[0]}.h5"
+    assert fs.exists(out) and not fs.glob("/out-t/**/*.tmp")
+    with fs.open(out, "rb") as f, h5py.File(f) as h5:
+        assert h5["features"].shape[1] == 1280 and h5["features"].shape[0] == h5["coords"].shape[0] > 0
+    fs.rm("/inbox-t", recursive=True)
+    fs.rm("/out-t", recursive=True)
+
+
+COORDS_DIR = "20x_256px_0px_overlap"

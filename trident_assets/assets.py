@@ -49,13 +49,6 @@ class Inbox(dg.ConfigurableResource):
     def scan(self) -> dict[str, SlideFile]:
         return scan_inbox(self.path, tuple(self.extensions))
 
-    def resolve(self, key: str) -> SlideFile:
-        found = self.scan().get(key)
-        if found is None:
-            raise FileNotFoundError(f"{key}: the slide is registered but its file is no longer in "
-                                    f"{redact(self.path)}.")
-        return found
-
     def open(self, slide: SlideFile, **kwargs):
         return load_wsi(local_path(slide, self.cache_dir), mpp=slide.mpp, name=slide.key, **kwargs)
 
