@@ -124,7 +124,8 @@ def main():
     print(f"orchestration overhead:          {overhead:8.1f} s   {overhead / n:6.2f} s/slide (runs minus library)")
     print(f"backfill wall time:              {wall:8.1f} s   {wall / n:6.2f} s/slide (adds the backfill daemon's "
           f"30 s ticks to start runs and to notice the end)")
-    save(f"platform_{args.per_run}_per_run", {"slides": n, "runs": len(runs), "per_run": args.per_run, "status": status, "embeddings": done, "library_s": base,
+    save(f"platform_{args.per_run}_per_run", {"slides": n, "runs": len(runs), "per_run": args.per_run,
+                                              "status": status, "embeddings": done, "library_s": base,
                       "run_time_s": run_time, "overhead_per_slide_s": overhead / n, "backfill_wall_s": wall,
                       "wall_per_slide_s": wall / n, "peak_rss_mib": peak_rss_mib()})
 

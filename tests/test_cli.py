@@ -4,7 +4,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 
@@ -50,7 +49,8 @@ def test_batch_shards_over_devices(tmp_path, slides):
     for name in ("a", "b", "c"):
         shutil.copy(slides["aperio_20x"], wsis / f"{name}.svs")
     job = tmp_path / "job"
-    result = cli(["batch", "--task", "all", "--feat_batch_size", "16", "--wsi_dir", str(wsis), "--job_dir", str(job), "--gpus", "cpu,cpu"],
+    result = cli(["batch", "--task", "all", "--feat_batch_size", "16", "--wsi_dir", str(wsis), "--job_dir", str(job),
+                  "--gpus", "cpu,cpu"],
                  os.environ)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (job / "20x_256px_0px_overlap" / "patches").glob("*.h5")) == \

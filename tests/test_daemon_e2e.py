@@ -6,7 +6,6 @@ import time
 import urllib.request
 
 import h5py
-import pytest
 
 from trident_assets.services import (free_port, graphql, instance_home, start_daemon, start_webserver, stop,
                                      workspace_file)

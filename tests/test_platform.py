@@ -134,7 +134,8 @@ def test_materialize_every_asset(cohort):
         assert ok.success and all(passed for passed, _ in run_events(ok).values())
         with h5py.File(out / "20x_256px_0px_overlap" / "patches" / "CMU-1-Small-Region.svs_patches.h5") as f:
             assert f["coords"].shape == (60, 2)
-        with h5py.File(out / "20x_256px_0px_overlap" / "features_efficientnet_lite0" / "CMU-1-Small-Region.svs.h5") as f:
+        feats = out / "20x_256px_0px_overlap" / "features_efficientnet_lite0" / "CMU-1-Small-Region.svs.h5"
+        with h5py.File(feats) as f:
             assert f["features"].shape == (60, 1280) and f["coords"].attrs["patch_size"] == 256
         with h5py.File(out / "20x_256px_0px_overlap" / "slide_features_mean-efficientnet_lite0" /
                        "CMU-1-Small-Region.svs.h5") as f:

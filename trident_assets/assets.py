@@ -14,6 +14,7 @@ import pandas as pd
 import trident_lib
 from trident_lib import load_wsi
 from trident_lib.contours import empty_gdf
+from trident_lib.devices import lease_device
 from trident_lib.errors import SlideError
 from trident_lib.extraction import feature_attrs, patch_features, slide_embedding
 from trident_lib.patch_encoder_models import encoder_factory, encoder_spec
@@ -23,7 +24,6 @@ from trident_lib.segmentation_models import segmentation_model_factory
 from trident_lib.slide_encoder_models import encoder_factory as slide_encoder_factory
 from trident_lib.weights import find_weights
 
-from trident_lib.devices import lease_device
 from .inbox import SlideFile, local_path, redact, scan_inbox
 from .io_managers import COORDS_DIR_KEY, Coords, Features, Tissue, TridentIOManager, markdown_table, picture_md
 from .settings import Settings, version_of, weights_fingerprint
@@ -40,7 +40,7 @@ GPU_TAGS = {
 
 
 class Inbox(dg.ConfigurableResource):
-    """Where slides arrive; resolves slide keys to files (the one place that does)."""
+    """Where slides arrive. Its scan is the one place that maps slide keys to files."""
 
     path: str
     cache_dir: str = "/tmp/trident-slide-cache"
@@ -193,7 +193,8 @@ def _coords_asset(settings: Settings, coords_dir: str, pe, common):
               description=f"Tissue patch coordinates at {coords_dir} (TRIDENT coords HDF5).")
     def patch_coords(context: dg.AssetExecutionContext, inbox: Inbox, slide_file: dict, tissue_contours: dict):
         def failed(k, error):
-            return Coords(np.zeros((0, 2), np.int64), error_coords_attrs(k, pe), {"status": "error", "error": error}), None
+            empty = np.zeros((0, 2), np.int64)
+            return Coords(empty, error_coords_attrs(k, pe), {"status": "error", "error": error}), None
 
         def one(k, tissue: Tissue):
             if status_of(tissue.provenance) == "error":
@@ -333,7 +334,8 @@ def _cohort_embeddings_asset(settings: Settings, se):
     @dg.asset(key=["cohort_embeddings", se.name], deps=[upstream], group_name="cohort", kinds={"parquet"},
               io_manager_key="trident_io", automation_condition=dg.AutomationCondition.eager(),
               code_version=f"cohort-{LIB}", description=f"One row per slide: its {se.name} embedding.")
-    def cohort_embeddings(context: dg.AssetExecutionContext, trident_io: dg.ResourceParam[TridentIOManager]) -> pd.DataFrame:
+    def cohort_embeddings(context: dg.AssetExecutionContext,
+                          trident_io: dg.ResourceParam[TridentIOManager]) -> pd.DataFrame:
         keys = context.instance.get_dynamic_partitions("slides")
         found = trident_io.read_existing(["slide_embeddings", se.name], keys, pe.coords_dir)
         rows = [{"slide": k, "status": status_of(f.provenance),
@@ -356,7 +358,8 @@ def qc_table(settings: Settings, trident_io: TridentIOManager, keys: list[str]) 
         t = tissue.get(k)
         row = {"slide": k, "status": status_of(t.provenance) if t else "not_processed",
                "error": str(t.provenance.get("error", "")) if t else "",
-               "tissue_area_px": round(float(t.gdf.area.sum())) if t else 0, "mpp": t.provenance.get("mpp") if t else None}
+               "tissue_area_px": round(float(t.gdf.area.sum())) if t else 0,
+               "mpp": t.provenance.get("mpp") if t else None}
         for c in coords_dirs:
             row[f"patches_{c}"] = len(coords[c][k].coords) if k in coords[c] else -1
         row["qc_pass"] = row["status"] == "ok" and all(row[f"patches_{c}"] > 0 for c in coords_dirs)

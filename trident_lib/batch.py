@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 
@@ -160,7 +159,8 @@ def run_doctor(args) -> int:
 
     print(f"OpenSlide {openslide.__library_version__} (openslide-python {openslide.__version__})")
     cuda = torch.cuda.is_available()
-    print(f"torch {torch.__version__}; CUDA {'available: ' + str(torch.cuda.device_count()) + ' GPU(s)' if cuda else 'not available (CPU only)'}")
+    gpus = f"available: {torch.cuda.device_count()} GPU(s)" if cuda else "not available (CPU only)"
+    print(f"torch {torch.__version__}; CUDA {gpus}")
     for name in sorted(REGISTRY):
         spec = encoder_spec(name)
         try:

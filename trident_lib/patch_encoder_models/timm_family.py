@@ -139,7 +139,8 @@ register(
     EncoderSpec("gpfm", 1024, vit("vit_large_patch14_dinov2", img_size=224, init_values=1e-5),
                 IMAGENET, precision="fp16", hub_repo="majiabo/GPFM", weight_files=("GPFM.pth",),
                 patch_size=224, licence="CC-BY-NC-ND-4.0"),
-    EncoderSpec("lunit-vits8", 384, vit("vit_small_patch8_224"), LUNIT, hub_repo="1aurent/vit_small_patch8_224.lunit_dino",
+    EncoderSpec("lunit-vits8", 384, vit("vit_small_patch8_224"), LUNIT,
+                hub_repo="1aurent/vit_small_patch8_224.lunit_dino",
                 patch_size=224, licence="Lunit non-commercial"),
 )
 
