@@ -13,8 +13,8 @@ from pathlib import Path
 
 from common import peak_rss_mib, save
 
-from trident_assets.services import (free_port, graphql, instance_home, start_daemon, start_webserver, stop,
-                                     workspace_file)
+from trident_assets.services import (backfill_runs, backfill_status, free_port, graphql, instance_home,
+                                     launch_backfill, start_daemon, start_webserver, stop, workspace_file)
 from trident_lib import load_wsi
 from trident_lib.extraction import patch_features, slide_embedding
 from trident_lib.patch_encoder_models import encoder_factory
@@ -24,12 +24,6 @@ from trident_lib.segmentation_models import segmentation_model_factory
 from trident_lib.slide_encoder_models import encoder_factory as slide_encoder_factory
 from trident_lib.synthetic import Ellipse, SlideSpec, write_slide
 
-LAUNCH = """mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
-  __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
-STATUS = """query($id: String!) { partitionBackfillOrError(backfillId: $id) {
-  ... on PartitionBackfill { status } } }"""
-RUNS = """query($id: String!) { runsOrError(filter: {tags: [{key: "dagster/backfill", value: $id}]}) {
-  ... on Runs { results { runId status startTime endTime } } } }"""
 DAEMONS = "{ instance { daemonHealth { allDaemonStatuses { daemonType healthy } } } }"
 ASSETS = [["slide_file"], ["tissue_contours"], ["patch_coords", "20x_256px_0px_overlap"],
           ["patch_features", "efficientnet_lite0"], ["slide_embeddings", "mean-efficientnet_lite0"]]
@@ -97,16 +91,11 @@ def main():
             assert time.time() < deadline + 120, statuses
             time.sleep(1)
         t0 = time.perf_counter()
-        res = graphql(port, LAUNCH, {"p": {"assetSelection": [{"path": a} for a in ASSETS], "partitionNames": keys}})
-        launched = res["data"]["launchPartitionBackfill"]
-        assert launched["__typename"] == "LaunchBackfillSuccess", res
-        while True:
-            status = graphql(port, STATUS, {"id": launched["backfillId"]})["data"]["partitionBackfillOrError"]["status"]
-            if status not in ("REQUESTED", "CANCELING", "FAILING"):
-                break
+        backfill = launch_backfill(port, ASSETS, keys)
+        while (status := backfill_status(port, backfill)) is None:
             time.sleep(1)
         wall = time.perf_counter() - t0
-        runs = graphql(port, RUNS, {"id": launched["backfillId"]})["data"]["runsOrError"]["results"]
+        runs = backfill_runs(port, backfill)
     finally:
         if daemon:
             stop(daemon)

@@ -7,14 +7,9 @@ import time
 
 import dagster as dg
 
-from trident_assets.services import (free_port, graphql, instance_home, start_daemon, start_webserver, stop,
-                                     workspace_file)
+from trident_assets.services import (backfill_runs, backfill_status, free_port, graphql, instance_home,
+                                     launch_backfill, start_daemon, start_webserver, stop, workspace_file)
 
-LAUNCH = """mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
-  __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
-STATUS = "query($id: String!) { partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill { status } } }"
-RUNS = """query($id: String!) { runsOrError(filter: {tags: [{key: "dagster/backfill", value: $id}]}) {
-  ... on Runs { results { runId status } } } }"""
 ASSETS = [["slide_file"], ["tissue_contours"], ["patch_coords", "20x_256px_0px_overlap"],
           ["patch_features", "efficientnet_lite0"], ["slide_embeddings", "mean-efficientnet_lite0"]]
 
@@ -54,20 +49,17 @@ def test_backfill_completes_across_a_daemon_restart(tmp_path, slides):
         finally:
             os.environ.pop("DAGSTER_HOME")
         daemons.append(start_daemon(workspace, env, log))
-        res = graphql(port, LAUNCH, {"p": {"assetSelection": [{"path": a} for a in ASSETS],
-                                           "partitionNames": ["s0.svs", "s1.svs", "s2.svs"]}})
-        backfill = res["data"]["launchPartitionBackfill"]["backfillId"]
-        runs = lambda: graphql(port, RUNS, {"id": backfill})["data"]["runsOrError"]["results"]  # noqa: E731
-        wait_for(lambda: runs(), 240, "the backfill's first run")
+        backfill = launch_backfill(port, ASSETS, ["s0.svs", "s1.svs", "s2.svs"])
+        wait_for(lambda: backfill_runs(port, backfill), 240, "the backfill's first run")
         os.kill(daemons[0].pid, signal.SIGKILL)  # the daemon dies mid-backfill...
         daemons[0].wait()
         time.sleep(3)
         daemons.append(start_daemon(workspace, env, log))  # ...and is restarted
-        status = wait_for(lambda: _finished(port, backfill), 600, "the backfill to finish")
+        status = wait_for(lambda: backfill_status(port, backfill), 600, "the backfill to finish")
         assert status == "COMPLETED_SUCCESS", (tmp_path / "services.log").read_text()[-4000:]
         embeddings = out / "20x_256px_0px_overlap" / "slide_features_mean-efficientnet_lite0"
         assert sorted(p.name for p in embeddings.glob("*.h5")) == ["s0.svs.h5", "s1.svs.h5", "s2.svs.h5"]
-        assert len(runs()) >= 3
+        assert len(backfill_runs(port, backfill)) >= 3
     finally:
         for d in daemons:
             stop(d)
@@ -80,8 +72,3 @@ def _up(port):
         return bool(graphql(port, "{ version }").get("data"))
     except OSError:
         return False
-
-
-def _finished(port, backfill):
-    status = graphql(port, STATUS, {"id": backfill})["data"]["partitionBackfillOrError"]["status"]
-    return status if status not in ("REQUESTED", "CANCELING", "FAILING") else None

@@ -66,3 +66,31 @@ def graphql(port: int, query: str, variables: dict | None = None, timeout: float
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
+
+
+LAUNCH_BACKFILL = """mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
+  __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
+BACKFILL_STATUS = """query($id: String!) { partitionBackfillOrError(backfillId: $id) {
+  ... on PartitionBackfill { status } } }"""
+BACKFILL_RUNS = """query($id: String!) { runsOrError(filter: {tags: [{key: "dagster/backfill", value: $id}]}) {
+  ... on Runs { results { runId status startTime endTime } } } }"""
+
+
+def launch_backfill(port: int, assets: list[list[str]], partitions: list[str]) -> str:
+    """Launch an asset backfill the way the UI does; returns its id."""
+    res = graphql(port, LAUNCH_BACKFILL, {"p": {"assetSelection": [{"path": a} for a in assets],
+                                                "partitionNames": partitions}})
+    launched = res["data"]["launchPartitionBackfill"]
+    if launched["__typename"] != "LaunchBackfillSuccess":
+        raise RuntimeError(f"backfill not launched: {launched}")
+    return launched["backfillId"]
+
+
+def backfill_status(port: int, backfill_id: str) -> str | None:
+    """The final status, or None while the backfill is still going."""
+    status = graphql(port, BACKFILL_STATUS, {"id": backfill_id})["data"]["partitionBackfillOrError"]["status"]
+    return None if status in ("REQUESTED", "CANCELING", "FAILING") else status
+
+
+def backfill_runs(port: int, backfill_id: str) -> list[dict]:
+    return graphql(port, BACKFILL_RUNS, {"id": backfill_id})["data"]["runsOrError"]["results"]
