@@ -203,7 +203,9 @@ def _coords_asset(settings: Settings, coords_dir: str, pe, common):
                 coords, attrs = tissue_coords(wsi, pe.mag, pe.patch_size, pe.overlap, settings.min_tissue_proportion,
                                               mask=tissue.gdf, use_measured_mpp=settings.use_measured_mpp,
                                               save_dir=coords_dir)
-                grid = picture_md(draw_coords(wsi, coords, attrs["patch_size_level0"], contours=tissue.gdf))
+                # The grid picture only shows in single-slide metadata: do not draw it for every slide of a batch.
+                grid = picture_md(draw_coords(wsi, coords, attrs["patch_size_level0"], contours=tissue.gdf)) \
+                    if len(tissue_contours) == 1 else None
             status = "ok" if len(coords) else "no_tissue"
             return Coords(coords, attrs, {"status": status}), grid
 

@@ -20,9 +20,11 @@ import warnings
 from contextlib import contextmanager
 from typing import Any
 
+import h5py
+
 from .errors import SlideError
 from .extraction import extract_patch_features, extract_slide_features
-from .io import read_coords_h5, read_features_h5, write_json
+from .io import write_json
 from .mpp import format_mag
 from .readers import SUPPORTED_EXTENSIONS, WSI, load_wsi, slide_extension
 from .segmentation import segment_tissue
@@ -97,10 +99,12 @@ def _complete(path: str, kind: str) -> bool:
         if kind == "geojson":
             with open(path) as f:
                 return json.load(f).get("type") == "FeatureCollection"
-        if kind == "coords":
-            read_coords_h5(path)
-        elif kind == "features":
-            read_features_h5(path)
+        if kind in ("coords", "features"):  # check the structure without reading the arrays
+            with h5py.File(path, "r") as f:
+                if "coords" not in f or (kind == "features" and "features" not in f):
+                    return False
+                if kind == "features" and f["features"].ndim == 2:
+                    return f["features"].shape[0] == f["coords"].shape[0]
         return True
     except (ValueError, OSError, json.JSONDecodeError):
         return False
