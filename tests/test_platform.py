@@ -15,7 +15,7 @@ from trident_assets.io_managers import TridentIOManager, output_relpath
 from trident_assets.keys import slide_key, validate_key
 from trident_assets.settings import PatchEncoderConfig, Settings, SlideEncoderConfig, load_settings
 
-from conftest import shared
+from conftest import fixture_slide
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "asset_graph.json"
 
@@ -101,7 +101,7 @@ def test_layout_is_tridents():
 def cohort(tmp_path, slides):
     inbox = tmp_path / "inbox"
     (inbox / "nested").mkdir(parents=True)
-    os.symlink(shared("CMU-1-Small-Region.svs"), inbox / "CMU-1-Small-Region.svs")
+    os.symlink(fixture_slide("CMU-1-Small-Region.svs"), inbox / "CMU-1-Small-Region.svs")
     shutil.copy(slides["aperio_20x"], inbox / "nested" / "my slide (2).svs")
     shutil.copy(slides["background"], inbox / "blank.svs")
     (inbox / "broken.svs").write_text("not a slide")
@@ -192,7 +192,7 @@ def test_inbox_sensor_ticks(cohort, tmp_path):
 
         target = Path(settings.inbox) / "blank.svs"
         os.utime(target, (target.stat().st_atime, target.stat().st_mtime + 10))  # replaced in place
-        (Path(settings.inbox) / "new.svs").symlink_to(shared("openslide-small.svs"))
+        (Path(settings.inbox) / "new.svs").symlink_to(fixture_slide("openslide-small.svs"))
         third = sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor,
                                                              resources={"inbox": inbox}, definitions=defs))
         assert sorted(r.partition_key for r in third.run_requests) == ["blank.svs", "new.svs"]

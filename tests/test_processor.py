@@ -17,7 +17,7 @@ from trident_lib.patch_encoder_models import encoder_factory
 from trident_lib.processor import LOCK_SUFFIX, clear_dead_locks, output_lock
 from trident_lib.segmentation_models import segmentation_model_factory
 
-from conftest import shared
+from conftest import fixture_slide
 
 CLI = [sys.executable, "-m", "trident_assets.cli", "batch"]
 
@@ -26,7 +26,7 @@ CLI = [sys.executable, "-m", "trident_assets.cli", "batch"]
 def wsi_dir(tmp_path, slides):
     d = tmp_path / "wsis"
     (d / "nested").mkdir(parents=True)
-    os.symlink(shared("CMU-1-Small-Region.svs"), d / "CMU-1-Small-Region.svs")
+    os.symlink(fixture_slide("CMU-1-Small-Region.svs"), d / "CMU-1-Small-Region.svs")
     shutil.copy(slides["aperio_20x"], d / "scan.svs")
     shutil.copy(slides["aperio_40x"], d / "nested" / "scan.svs")  # same file name, different folder
     (d / "broken.svs").write_text("not a slide")

@@ -27,7 +27,7 @@ from trident_lib.patching import tissue_coords
 from trident_lib.segmentation_models import segmentation_model_factory
 from trident_lib.weights import load_state_dict
 
-from conftest import shared
+from conftest import fixture_slide
 
 COORDS = "20x_256px_0px_overlap"
 FEATS = "features_efficientnet_lite0"
@@ -240,7 +240,7 @@ def test_mrxs_without_data_folder_and_malformed_dicom(tmp_path):
     with pytest.raises(SlideReadError, match="slide.mrxs"):
         tl.load_wsi(str(mrxs))
     dcm = tmp_path / "bad.dcm"
-    dcm.write_bytes(Path(shared("openslide-boxes-dicom/boxes_0.dcm")).read_bytes()[:700])
+    dcm.write_bytes(Path(fixture_slide("openslide-boxes-dicom/boxes_0.dcm")).read_bytes()[:700])
     with pytest.raises(SlideReadError, match="bad.dcm"):
         tl.load_wsi(str(dcm))
 
