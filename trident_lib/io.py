@@ -43,6 +43,8 @@ def _attr_value(v: Any):
         return "None"
     if isinstance(v, (dict, list, tuple)):
         return json.dumps(v)
+    if isinstance(v, os.PathLike):
+        return os.fspath(v)
     return v
 
 

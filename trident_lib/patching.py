@@ -74,7 +74,7 @@ class WSIPatcher:
         else:
             coords = grid_coords(self.cols, self.rows, self.step, scan_order)
             if mask is not None:
-                coords = filter_coords(coords, self.patch_size_src, mask, self.threshold)
+                coords = filter_coords(coords, self.patch_size_src, self.patch_size_target, mask, self.threshold)
         self.valid_coords = coords
         self.mask = mask
 
@@ -140,14 +140,17 @@ def grid_coords(cols: int, rows: int, step: int, scan_order: str = "row-major") 
     return np.stack([xx.ravel(), yy.ravel()], axis=1)
 
 
-def filter_coords(coords: np.ndarray, patch_size_src: int, mask: gpd.GeoDataFrame, threshold: float = 0.0):
+def filter_coords(coords: np.ndarray, patch_size_src: int, patch_size_target: int, mask: gpd.GeoDataFrame,
+                  threshold: float = 0.0):
     """Keep patches that touch tissue (threshold 0) or whose tissue share is at least ``threshold``.
 
     Vectorised with shapely 2: one call per predicate over all patches, never a Python loop.
     """
     if len(coords) == 0 or mask is None or len(mask) == 0:
         return coords[:0]
-    union = tissue_union(mask, tolerance=patch_size_src / 4)
+    # TRIDENT simplifies with a quarter of the *target* patch size, whatever the level-0 patch size: this
+    # decides which edge patches survive (checked against TRIDENT's own files, tests/test_parity.py).
+    union = tissue_union(mask, tolerance=patch_size_target / 4)
     if union.is_empty:
         return coords[:0]
     shapely.prepare(union)
@@ -176,9 +179,12 @@ def coords_attrs(patcher: WSIPatcher, target_mag: float, save_dir: str) -> dict:
 
 
 def resolve_mask(wsi, mask) -> gpd.GeoDataFrame | None:
-    """A GeoDataFrame, a GeoJSON path, or the contours left on the slide by ``segment_tissue``."""
+    """A GeoDataFrame, a GeoJSON path, the contours left on the slide by ``segment_tissue``, or the slide's
+    ``tissue_seg_path``."""
     if mask is None:
         mask = getattr(wsi, "gdf_contours", None)
+    if mask is None:
+        mask = getattr(wsi, "tissue_seg_path", None)
     if isinstance(mask, (str, os.PathLike)):
         mask = load_geojson(os.fspath(mask))
     return mask

@@ -38,7 +38,7 @@ SUPPORTED_EXTENSIONS = tuple(sorted(EXTENSION_READER))
 
 def slide_extension(path: str) -> str:
     """Lower-case extension; a folder of DICOM files counts as '.dcm'."""
-    path = os.path.normpath(str(path))
+    path = os.path.normpath(os.fspath(path))
     ext = os.path.splitext(path)[1].lower()
     if os.path.isdir(path) and ext != ".zarr":
         names = os.listdir(path)
@@ -49,7 +49,8 @@ def slide_extension(path: str) -> str:
     return ext
 
 
-def reader_for(path: str) -> str:
+def reader_for(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
     ext = slide_extension(path)
     if ext not in EXTENSION_READER:
         raise UnsupportedFormatError(
@@ -65,8 +66,10 @@ def reader_for(path: str) -> str:
     return reader
 
 
-def load_wsi(slide_path: str, reader_type: WSIReaderType | None = None, lazy_init: bool = False, **kwargs) -> WSI:
+def load_wsi(slide_path: str | os.PathLike, reader_type: WSIReaderType | None = None, lazy_init: bool = False,
+             **kwargs) -> WSI:
     """Open a slide with the reader its extension calls for, or the one asked for."""
+    slide_path = os.fspath(slide_path)
     if reader_type is None:
         reader_type = reader_for(slide_path)
     if reader_type not in READERS:

@@ -30,13 +30,17 @@ class WSI(ABC):
         lazy_init: bool = True,
         mpp: float | None = None,
         max_workers: int | None = None,
+        tissue_seg_path: str | os.PathLike | None = None,
         **kwargs: Any,
     ):
-        self.slide_path = str(slide_path)
+        self.slide_path = os.fspath(slide_path)
         base = os.path.basename(os.path.normpath(self.slide_path))
         self.name = name if name is not None else os.path.splitext(base)[0]
         self.custom_mpp_keys = list(custom_mpp_keys or [])
         self.max_workers = max_workers
+        # A GeoJSON mask from an earlier segmentation (TRIDENT's keyword): patching uses it when no
+        # segmentation ran on this object.
+        self.tissue_seg_path = os.fspath(tissue_seg_path) if tissue_seg_path is not None else None
         self._mpp_override = float(mpp) if mpp is not None else None
         self.lazy_init = lazy_init
         self._ready = False
@@ -94,7 +98,7 @@ class WSI(ABC):
     def __getstate__(self):
         # Backend handles do not cross process boundaries: a data-loader worker re-opens the file lazily.
         state = {k: v for k, v in self.__dict__.items()
-                 if k in ("slide_path", "name", "custom_mpp_keys", "max_workers", "_mpp_override")}
+                 if k in ("slide_path", "name", "custom_mpp_keys", "max_workers", "_mpp_override", "tissue_seg_path")}
         state.update(lazy_init=True, _ready=False, mpp=self.mpp, mag=self.mag, level_dimensions=[],
                      level_downsamples=[], properties={})
         return state
