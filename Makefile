@@ -2,7 +2,6 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-export DAGSTER_HOME := $(CURDIR)/dagster_home
 
 $(BIN)/trident-dagster: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -12,7 +11,7 @@ $(BIN)/trident-dagster: pyproject.toml
 
 setup: $(BIN)/trident-dagster
 
-run: setup    ## the platform: webserver + daemon on 127.0.0.1:3000, sample cohort in the inbox
+run: setup    ## the platform on 127.0.0.1:3000; this folder is the project (trident.yaml, dagster_home/, data/)
 	$(BIN)/trident-dagster up
 
 demo: setup   ## headless: process the sample cohort to completion and print where outputs are

@@ -26,9 +26,10 @@ def test_headless_run_status_add_backfill(tmp_path, slides):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "sample-01.svs" in run.stdout and "no_tissue" in run.stdout and str(tmp_path / "out") in run.stdout
     qc = pd.read_parquet(tmp_path / "out" / "cohort" / "cohort_qc.parquet").set_index("slide")
-    assert qc["qc_pass"].sum() == 4 and not qc.loc["sample-05-blank.svs", "qc_pass"]
+    assert qc["qc_pass"].sum() == 5 and not qc.loc["sample-05-blank.svs", "qc_pass"]
+    assert qc.loc["CMU-1-Small-Region.svs", "patches_20x_256px_0px_overlap"] > 50  # the real H&E sample slide
     assert len(list((tmp_path / "out" / "20x_256px_0px_overlap" / "slide_features_mean-efficientnet_lite0")
-                    .glob("*.h5"))) == 5
+                    .glob("*.h5"))) == 6
 
     extra = tmp_path / "extra"
     extra.mkdir()
@@ -38,7 +39,7 @@ def test_headless_run_status_add_backfill(tmp_path, slides):
 
     backfill = cli(["backfill", "--asset", "slide_file", "--asset", "tissue_contours"], env)
     assert backfill.returncode == 0, backfill.stderr[-3000:]
-    assert "6 slide(s) ok" in backfill.stdout
+    assert "7 slide(s) ok" in backfill.stdout
     status = cli(["status"], env)
     assert status.returncode == 0 and "new.svs" in status.stdout and "sample-03.svs" in status.stdout
 

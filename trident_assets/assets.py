@@ -3,6 +3,7 @@ plus cohort tables. Each asset body calls trident_lib and reports metadata; fact
 configured encoder (and one coordinates asset per patch setting)."""
 
 
+import contextlib
 import time
 import warnings
 from typing import Callable
@@ -43,14 +44,16 @@ class Inbox(dg.ConfigurableResource):
     """Where slides arrive. Its scan is the one place that maps slide keys to files."""
 
     path: str
-    cache_dir: str = "/tmp/trident-slide-cache"
+    cache_dir: str = "data/slide-cache"  # local copies of remote slides (OpenSlide needs a file)
+    cache_max_gb: float = 50.0
     extensions: list[str] = []
 
     def scan(self) -> dict[str, SlideFile]:
         return scan_inbox(self.path, tuple(self.extensions))
 
     def open(self, slide: SlideFile, **kwargs):
-        return load_wsi(local_path(slide, self.cache_dir), mpp=slide.mpp, name=slide.key, **kwargs)
+        path = local_path(slide, self.cache_dir, int(self.cache_max_gb * 2**30))
+        return load_wsi(path, mpp=slide.mpp, name=slide.key, **kwargs)
 
 
 # -- helpers shared by the asset bodies ------------------------------------------------------------------
@@ -142,14 +145,17 @@ def build_assets(settings: Settings) -> list:
               description=f"Tissue polygons ({settings.segmenter}), GeoJSON in level-0 pixels; QuPath-compatible.")
     def tissue_contours(context: dg.AssetExecutionContext, inbox: Inbox, trident_io: dg.ResourceParam[TridentIOManager],
                         slide_file: dict):
-        with lease_device(settings.device) as device:
+        # Otsu runs on the CPU: it must not hold a GPU that a features step is waiting for.
+        cpu_only = settings.segmenter == "otsu"
+        with contextlib.nullcontext("cpu") if cpu_only else lease_device(settings.device) as device:
             model = segmentation_model_factory(settings.segmenter, confidence_thresh=settings.seg_conf_thresh,
                                                weights_path=settings.segmenter_weights_path)
 
             def one(key, sf: SlideFile):
                 t0 = time.perf_counter()
                 with inbox.open(sf) as wsi:
-                    gdf = segment_tissue(wsi, model, holes_are_tissue=settings.holes_are_tissue, device=device)
+                    gdf = segment_tissue(wsi, model, holes_are_tissue=settings.holes_are_tissue, device=device,
+                                         batch_size=settings.seg_batch_size)
                     pictures = trident_io.save_pictures(wsi, gdf, key)
                     facts = {"mpp": wsi.mpp, "magnification": wsi.mag, "width": wsi.width, "height": wsi.height}
                 prov = {"status": "ok" if len(gdf) else "no_tissue", "segmenter": settings.segmenter,
@@ -237,7 +243,8 @@ def _encoder_weights(name: str, weights_path: str | None) -> str | None:
 def _features_asset(settings: Settings, pe, common):
     key = dg.AssetKey(["patch_features", pe.name])
     coords_key = dg.AssetKey(["patch_coords", pe.coords_dir])
-    version = version_of(LIB, pe.name, pe.coords_dir, weights_fingerprint(_encoder_weights(pe.name, pe.weights_path)))
+    version = version_of(LIB, pe.name, pe.coords_dir, weights_fingerprint(_encoder_weights(pe.name, pe.weights_path)),
+                         pe.fast_cpu)
 
     @dg.asset(**common, key=key, group_name="features", code_version=version, kinds={"hdf5", "pytorch"},
               pool="gpu", op_tags=GPU_TAGS,
@@ -253,7 +260,8 @@ def _features_asset(settings: Settings, pe, common):
             t0 = time.perf_counter()
             encoder = encoder_factory(pe.name, weights_path=pe.weights_path)  # once per step, not per slide
             load_seconds = time.perf_counter() - t0
-            prov = {"encoder": pe.name, "weights_sha256": encoder.weights_sha256 or "none", "device": device}
+            prov = {"encoder": pe.name, "weights_sha256": encoder.weights_sha256 or "none", "device": device,
+                    "fast_cpu": pe.fast_cpu and device == "cpu"}
 
             def empty(k, c: Coords, status: dict):
                 return Features(np.zeros((0, encoder.embedding_dim), np.float32), c.coords, c.attrs,
@@ -264,7 +272,8 @@ def _features_asset(settings: Settings, pe, common):
                     return empty(k, c, {key: v for key, v in c.provenance.items() if key in ("status", "error")})
                 t, stats = time.perf_counter(), {}
                 with inbox.open(slide_file[k]) as wsi:
-                    feats = patch_features(wsi, encoder, c.coords, c.attrs, device, pe.batch_size, stats=stats)
+                    feats = patch_features(wsi, encoder, c.coords, c.attrs, device, pe.batch_size, stats=stats,
+                                           fast_cpu=pe.fast_cpu)
                 secs = time.perf_counter() - t
                 return Features(feats, c.coords, c.attrs, feature_attrs(encoder, k, pe.coords_dir),
                                 {**prov, "status": "ok", "seconds": round(secs, 3), "blank_tiles": stats["blank_tiles"],
@@ -307,7 +316,8 @@ def _embedding_asset(settings: Settings, se, common):
               description=f"Slide embedding from {se.name} over {pe.name} features.")
     def embedding(context: dg.AssetExecutionContext, patch_features: dict):
         with lease_device(settings.device) as device:
-            model = slide_encoder_factory(se.name, weights_path=se.weights_path)
+            remote = {"trust_remote_code": True} if se.trust_remote_code else {}  # only remote-code models take it
+            model = slide_encoder_factory(se.name, weights_path=se.weights_path, **remote)
 
             def one(k, f: Features, status: dict | None = None):
                 emb = slide_embedding(f.features, f.coords, f.attrs, model, device) if status is None else \

@@ -1,11 +1,15 @@
 """trident-dagster: what labs do from a shell.
 
+  init      write a commented trident.yaml and dagster_home/ into a folder (the lab's project folder)
   up        start the platform (webserver + daemon on 127.0.0.1) with the sample cohort in the inbox
   run       process every slide in the inbox to completion without the UI, then print where outputs are
   add       link (or copy) a folder of slides into the inbox; the sensor picks them up
   backfill  materialize assets (e.g. a new encoder) over the whole cohort, several slides per run
   status    per-slide status table
   batch     TRIDENT-style batch processing of a folder without Dagster (also: convert, doctor)
+
+Every command uses the project folder: the current one, or --project DIR ($TRIDENT_PROJECT). Its
+trident.yaml ($TRIDENT_CONFIG) and dagster_home/ ($DAGSTER_HOME) are used when present.
 """
 
 from __future__ import annotations
@@ -17,30 +21,43 @@ import sys
 
 from trident_lib.batch import add_subcommands
 
-from .settings import PROJECT_ROOT, load_settings
-
-DAGSTER_HOME = PROJECT_ROOT / "dagster_home"
+from .settings import (CONFIG_ENV, PROJECT_ENV, config_path, ensure_dagster_home, init_project, load_settings,
+                       project_dir)
 
 
 def _instance():
-    os.environ.setdefault("DAGSTER_HOME", str(DAGSTER_HOME))
+    os.environ["DAGSTER_HOME"] = str(ensure_dagster_home())
     import dagster as dg
 
     return dg.DagsterInstance.get()
 
 
+def cmd_init(args) -> int:
+    written = init_project(args.folder)
+    for path in written:
+        print(f"wrote {path}")
+    print(f"{args.folder}: project folder ready ({len(written)} file(s) written, existing files kept). "
+          f"Run `trident-dagster up` there, or pass --project {args.folder}.")
+    return 0
+
+
 def cmd_up(args) -> int:
     from .sample import write_sample_cohort
 
+    if not os.environ.get(CONFIG_ENV):  # first start in this folder: the commented configuration to edit
+        for path in init_project(project_dir()):
+            print(f"wrote {path}")
     settings = load_settings()
     if not args.no_sample:
         written = write_sample_cohort(settings.resolve(settings.inbox))
         print(f"sample cohort: {len(written)} new slide(s) in {settings.resolve(settings.inbox)}")
-    os.environ["DAGSTER_HOME"] = str(DAGSTER_HOME)
-    os.chdir(PROJECT_ROOT)
+    os.environ["DAGSTER_HOME"] = str(ensure_dagster_home())
+    # The code location runs in processes that dagster starts: they find the lab's files through these.
+    os.environ.update({CONFIG_ENV: str(config_path()), PROJECT_ENV: str(project_dir())})
+    os.chdir(project_dir())
     print(f"Dagster UI: http://{args.host}:{args.port}  (the inbox sensor registers slides within a minute)")
     dagster = shutil.which("dagster") or os.path.join(os.path.dirname(sys.executable), "dagster")
-    os.execv(dagster, [dagster, "dev", "-w", "workspace.yaml", "-h", args.host, "-p", str(args.port)])
+    os.execv(dagster, [dagster, "dev", "-m", "trident_assets", "-h", args.host, "-p", str(args.port)])
 
 
 def _register_inbox(instance, settings) -> list[str]:
@@ -159,7 +176,11 @@ def cmd_status(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trident-dagster", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--project", help="the lab's project folder (default: the current folder)")
     sub = parser.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init", help="write trident.yaml and dagster_home/ into a folder")
+    init.add_argument("folder", nargs="?", default=".")
+    init.set_defaults(fn=cmd_init)
     up = sub.add_parser("up", help="start webserver and daemon with the sample cohort")
     up.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     up.add_argument("--port", type=int, default=3000)
@@ -188,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    args.argv = argv[1:]
+    if args.project:
+        os.environ[PROJECT_ENV] = os.path.abspath(args.project)
+    args.argv = argv[argv.index(args.command) + 1:]
     return args.fn(args) or 0
 
 

@@ -26,7 +26,9 @@ def build_definitions(settings: Settings | None = None, resources: dict | None =
         jobs=[process_slides, cohort],
         sensors=[build_inbox_sensor(process_slides, settings.sensor_max_new_slides), build_automation_sensor()],
         resources={
-            "inbox": Inbox(path=settings.resolve(settings.inbox), extensions=list(settings.extensions)),
+            "inbox": Inbox(path=settings.resolve(settings.inbox), extensions=list(settings.extensions),
+                           cache_dir=settings.resolve(settings.slide_cache_dir),
+                           cache_max_gb=settings.slide_cache_max_gb),
             "trident_io": TridentIOManager(base_path=settings.resolve(settings.storage)),
             **(resources or {}),
         },

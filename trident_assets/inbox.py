@@ -7,6 +7,7 @@ import csv
 import io
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass
 
 import fsspec
@@ -119,14 +120,43 @@ def _slide_list_mpps(fs, base: str) -> dict[str, float]:
     return out
 
 
-def local_path(slide: SlideFile, cache_dir: str) -> str:
-    """A local file for readers that need one (OpenSlide): remote slides are copied once into a cache."""
+def local_path(slide: SlideFile, cache_dir: str, max_bytes: int | None = None) -> str:
+    """A local file for readers that need one (OpenSlide): remote slides are copied once into a cache that
+    keeps at most ``max_bytes``, evicting the least recently used copies."""
     if "://" not in slide.path or slide.path.startswith("file://"):
         return slide.path.removeprefix("file://")
-    target = os.path.join(cache_dir, slide.key, slide.fingerprint, os.path.basename(slide.relpath))
+    entry = os.path.join(cache_dir, slide.key, slide.fingerprint)
+    target = os.path.join(entry, os.path.basename(slide.relpath))
     if not os.path.exists(target):
         fs, path = fsspec.core.url_to_fs(slide.path)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.makedirs(entry, exist_ok=True)
         fs.get(path, target + ".part", recursive=fs.isdir(path))
         os.replace(target + ".part", target)
+    os.utime(entry)  # the entry's mtime is its last use
+    if max_bytes is not None:
+        evict_cache(cache_dir, max_bytes, keep=entry)
     return target
+
+
+def _tree_bytes(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def evict_cache(cache_dir: str, max_bytes: int, keep: str | None = None) -> list[str]:
+    """Delete the least recently used cached slides until the cache holds at most ``max_bytes``; the entry
+    in use (``keep``) stays. A reader that still has an evicted file open keeps reading it (POSIX)."""
+    entries = [os.path.join(cache_dir, k, f) for k in os.listdir(cache_dir)
+               for f in os.listdir(os.path.join(cache_dir, k))]
+    sizes = {e: _tree_bytes(e) for e in entries}
+    total, removed = sum(sizes.values()), []
+    for entry in sorted(entries, key=os.path.getmtime):
+        if total <= max_bytes:
+            break
+        if entry == keep:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        total -= sizes[entry]
+        removed.append(entry)
+    return removed

@@ -1,8 +1,11 @@
-"""A sample cohort the platform generates itself: synthetic H&E-like slides written into the inbox."""
+"""The sample cohort: a real H&E scan shipped with the package, and synthetic slides the platform writes
+itself (known geometry, one without tissue)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 from trident_lib.synthetic import Ellipse, SlideSpec, write_slide
 
@@ -18,10 +21,16 @@ def sample_specs() -> dict[str, SlideSpec]:
     }
 
 
+REAL_SLIDE = Path(__file__).resolve().parent / "sample_slides" / "CMU-1-Small-Region.svs"  # CC0, see README there
+
+
 def write_sample_cohort(inbox: str) -> list[str]:
     """Write the sample slides that are not in ``inbox`` yet; returns the paths written."""
     os.makedirs(inbox, exist_ok=True)
     written = []
+    real = os.path.join(inbox, REAL_SLIDE.name)
+    if not os.path.exists(real):
+        written.append(shutil.copyfile(REAL_SLIDE, real))
     for name, spec in sample_specs().items():
         path = os.path.join(inbox, name)
         if not os.path.exists(path):

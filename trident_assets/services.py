@@ -13,7 +13,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from .settings import PROJECT_ROOT
+from .settings import TEMPLATES
 
 BIN = Path(sys.executable).parent
 
@@ -25,23 +25,22 @@ def free_port() -> int:
 
 
 def instance_home(folder: Path) -> Path:
-    """A fresh DAGSTER_HOME with the project's dagster.yaml."""
+    """A fresh DAGSTER_HOME with the default dagster.yaml."""
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(PROJECT_ROOT / "dagster_home" / "dagster.yaml", folder / "dagster.yaml")
+    shutil.copy(TEMPLATES / "dagster.yaml", folder / "dagster.yaml")
     return folder
 
 
 def workspace_file(path: Path) -> Path:
     path.write_text(f"load_from:\n  - python_module:\n      module_name: trident_assets\n"
-                    f"      working_directory: {PROJECT_ROOT}\n")
+                    f"      working_directory: {path.parent}\n")
     return path
 
 
 def start(cmd: list[str], env: dict, log) -> subprocess.Popen:
     # Its own process group: dagster processes started from a script ignore SIGTERM from their parent,
     # so we stop the whole group.
-    return subprocess.Popen(cmd, env=env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def start_daemon(workspace: Path, env: dict, log) -> subprocess.Popen:

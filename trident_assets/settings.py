@@ -3,6 +3,10 @@
 Which patch and slide encoders run, at which magnification / patch size / overlap, where slides arrive
 and where outputs go. Each encoder becomes its own asset; the patch settings decide which
 coordinates asset it reads. Values are plain data: nothing in the file is ever evaluated as code.
+
+The lab's project folder holds ``trident.yaml`` and ``dagster_home/``: the current folder, or the one in
+``$TRIDENT_PROJECT`` (``trident-dagster --project DIR``). Relative paths in the file are relative to the
+folder the file is in, never to where the package is installed.
 """
 
 from __future__ import annotations
@@ -19,8 +23,21 @@ from trident_lib.mpp import format_mag
 from trident_lib.patch_encoder_models import DEFAULT_ENCODER, encoder_spec
 from trident_lib.slide_encoder_models import slide_encoder_spec
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_ENV = "TRIDENT_CONFIG"
+PROJECT_ENV = "TRIDENT_PROJECT"
+TEMPLATES = Path(__file__).resolve().parent / "templates"  # the commented trident.yaml and dagster.yaml
+
+
+def project_dir() -> Path:
+    return Path(os.environ.get(PROJECT_ENV) or os.getcwd()).resolve()
+
+
+def config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or project_dir() / "trident.yaml").resolve()
+
+
+def dagster_home() -> Path:
+    return Path(os.environ.get("DAGSTER_HOME") or project_dir() / "dagster_home").resolve()
 
 
 @dataclass(frozen=True)
@@ -31,6 +48,7 @@ class PatchEncoderConfig:
     overlap: int = 0
     weights_path: str | None = None
     batch_size: int = 64
+    fast_cpu: bool = False  # on CPU: BatchNorm folded, bf16, channels-last (features within cosine 0.999)
 
     @property
     def coords_dir(self) -> str:
@@ -42,6 +60,7 @@ class PatchEncoderConfig:
 class SlideEncoderConfig:
     name: str
     weights_path: str | None = None
+    trust_remote_code: bool = False  # TITAN, PRISM: run the model code shipped with the local checkpoint
 
 
 @dataclass(frozen=True)
@@ -51,21 +70,25 @@ class Settings:
     segmenter: str = "otsu"
     segmenter_weights_path: str | None = None
     seg_conf_thresh: float = 0.5
-    holes_are_tissue: bool = False
+    seg_batch_size: int = 16
+    holes_are_tissue: bool = True  # TRIDENT's batch default (--remove_holes off)
     min_tissue_proportion: float = 0.0
     use_measured_mpp: bool = False
     device: str = "auto"  # "auto" picks a free GPU when there is one, else the CPU
     sensor_max_new_slides: int = 50
     backfill_slides_per_run: int = 16
+    slide_cache_dir: str = "data/slide-cache"  # local copies of remote (fsspec) slides for OpenSlide
+    slide_cache_max_gb: float = 50.0  # least recently used copies are evicted past this
     patch_encoders: tuple[PatchEncoderConfig, ...] = (PatchEncoderConfig(DEFAULT_ENCODER),)
     slide_encoders: tuple[SlideEncoderConfig, ...] = (SlideEncoderConfig(f"mean-{DEFAULT_ENCODER}"),)
     extensions: tuple[str, ...] = field(default=())
+    root: str = ""  # the folder relative paths start from (the config file's); not a key of the file
 
     def resolve(self, path: str) -> str:
-        """Relative paths are relative to the project root; URLs are left alone."""
+        """Relative paths are relative to the config file's folder; URLs are left alone."""
         if "://" in path or os.path.isabs(path):
             return path
-        return str(PROJECT_ROOT / path)
+        return str(Path(self.root or project_dir()) / path)
 
     @property
     def coords_configs(self) -> dict[str, PatchEncoderConfig]:
@@ -91,15 +114,15 @@ def _validate(s: Settings) -> Settings:
     return s
 
 
-def load_settings(path: str | None = None) -> Settings:
-    path = path or os.environ.get(CONFIG_ENV) or str(PROJECT_ROOT / "trident.yaml")
-    if not os.path.exists(path):
-        return _validate(Settings())
+def load_settings(path: str | os.PathLike | None = None) -> Settings:
+    path = Path(path).resolve() if path else config_path()
+    if not path.exists():
+        return _validate(Settings(root=str(path.parent)))
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: the configuration must be a mapping of settings.")
-    known = set(Settings.__dataclass_fields__)
+    known = set(Settings.__dataclass_fields__) - {"root"}
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"{path}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}.")
@@ -108,7 +131,30 @@ def load_settings(path: str | None = None) -> Settings:
     raw["slide_encoders"] = tuple(SlideEncoderConfig(**(e if isinstance(e, dict) else {"name": e}))
                                   for e in raw.get("slide_encoders") or [])
     raw["extensions"] = tuple(raw.get("extensions") or ())
-    return _validate(Settings(**raw))
+    return _validate(Settings(**raw, root=str(path.parent)))
+
+
+def _write_template(name: str, target: Path) -> list[str]:
+    if target.exists():
+        return []
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text((TEMPLATES / name).read_text())
+    return [str(target)]
+
+
+def ensure_dagster_home() -> Path:
+    """The instance folder, with the default dagster.yaml (SQLite in that folder) if it has none."""
+    home = dagster_home()
+    _write_template("dagster.yaml", home / "dagster.yaml")
+    return home
+
+
+def init_project(folder: str | os.PathLike) -> list[str]:
+    """Write a commented ``trident.yaml`` and ``dagster_home/dagster.yaml`` into ``folder``; files that exist
+    are kept. Returns the paths written."""
+    folder = Path(folder)
+    return _write_template("trident.yaml", folder / "trident.yaml") + \
+        _write_template("dagster.yaml", folder / "dagster_home" / "dagster.yaml")
 
 
 def version_of(*parts) -> str:
