@@ -65,10 +65,105 @@ def test_unknown_encoder_lists_known():
         encoder_factory("nope")
 
 
-@pytest.mark.parametrize("name,package", [("conch_v1", "conch"), ("conch_v15", "conch"), ("musk", "musk")])
+@pytest.mark.parametrize("name,package", [("conch_v1", "conch"), ("musk", "musk")])
 def test_missing_package_is_named(name, package):
-    with pytest.raises(MissingDependencyError, match=package):
+    with pytest.raises(MissingDependencyError, match=f"'{package}'.*git\\+https://github.com/"):
         encoder_factory(name)
+
+
+# CONCH v1.5's published checkpoint (checkpoints.md): ViT-L/16 trunk in timm's layout at a 14 x 14 grid,
+# the contrast attentional pooler (one 768-d query over 1024-d tokens) and ln_contrast.
+CONCH_V15_LAYOUT = {
+    "trunk.cls_token": (1, 1, 1024), "trunk.pos_embed": (1, 197, 1024),
+    "trunk.patch_embed.proj.weight": (1024, 3, 16, 16), "trunk.patch_embed.proj.bias": (1024,),
+    "trunk.norm.weight": (1024,), "trunk.norm.bias": (1024,),
+    "attn_pool_contrast.query": (1, 768), "attn_pool_contrast.ln_q.weight": (768,),
+    "attn_pool_contrast.ln_q.bias": (768,), "attn_pool_contrast.ln_k.weight": (1024,),
+    "attn_pool_contrast.ln_k.bias": (1024,), "attn_pool_contrast.to_q.weight": (768, 768),
+    "attn_pool_contrast.to_kv.weight": (1536, 1024), "attn_pool_contrast.to_out.weight": (768, 768),
+    "ln_contrast.weight": (768,), "ln_contrast.bias": (768,),
+    **{f"trunk.blocks.{i}.{k}": shape for i in range(24) for k, shape in {
+        "norm1.weight": (1024,), "norm1.bias": (1024,), "attn.qkv.weight": (3072, 1024), "attn.qkv.bias": (3072,),
+        "attn.proj.weight": (1024, 1024), "attn.proj.bias": (1024,), "ls1.gamma": (1024,),
+        "norm2.weight": (1024,), "norm2.bias": (1024,), "mlp.fc1.weight": (4096, 1024), "mlp.fc1.bias": (4096,),
+        "mlp.fc2.weight": (1024, 4096), "mlp.fc2.bias": (1024,), "ls2.gamma": (1024,)}.items()},
+}
+SMALL_CONCH = {"embed_dim": 64, "depth": 2, "num_heads": 4}  # same layout, small trunk (the pooler stays 768-d)
+
+
+def test_conch_v15_is_native_and_has_the_published_layout():
+    spec = REGISTRY["conch_v15"]
+    assert not spec.requires and spec.weight_files == ("pytorch_model_vision.bin",) and spec.precision == "fp16"
+    with meta_device():
+        enc = encoder_factory("conch_v15", pretrained=False)
+        assert {k: tuple(v.shape) for k, v in enc.model.state_dict().items()} == CONCH_V15_LAYOUT
+        assert enc(torch.rand(2, 3, 448, 448, device="meta")).shape == (2, 768)
+    ls = encoder_factory("conch_v15", pretrained=False, **SMALL_CONCH).model.trunk.blocks[0].ls1.gamma
+    assert torch.equal(ls, torch.ones_like(ls))  # LayerScale initialised at 1.0
+    t = enc.eval_transforms(Image.new("RGB", (512, 512), (255, 255, 255)))
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    assert t.shape == (3, 448, 448) and torch.allclose(t[:, 0, 0], (1 - mean) / std)  # ImageNet normalisation
+
+
+def test_conch_v15_loads_the_published_file(tmp_path):
+    from timm.layers import resample_abs_pos_embed
+
+    from trident_lib.patch_encoder_models.conch_family import ConchV15
+
+    src = ConchV15(**SMALL_CONCH).eval()
+    folder = tmp_path / "models--MahmoodLab--conchv1_5"
+    folder.mkdir()
+    torch.save(src.state_dict(), folder / "pytorch_model_vision.bin")
+    enc = encoder_factory("conch_v15", weights_path=folder, **SMALL_CONCH)  # a folder, as a pathlib.Path
+    assert enc.weights_path == str(folder / "pytorch_model_vision.bin") and len(enc.weights_sha256) == 64
+    x = torch.rand(2, 3, 448, 448)
+    with torch.no_grad():
+        out = enc(x)
+        assert out.shape == (2, 768) and torch.allclose(out, src(x), atol=1e-5)
+        # At 448 px the 14 x 14 grid is interpolated to 28 x 28 (+ the class token).
+        assert enc.model.forward_features(x).shape == (2, 1 + 28 * 28, 64)
+
+    # A file whose position grid differs (here 28 x 28) is resized to the model's 14 x 14 grid on load.
+    big = ConchV15(img_size=448, **SMALL_CONCH).state_dict()
+    torch.save(big, tmp_path / "grid28.bin")
+    enc28 = encoder_factory("conch_v15", weights_path=str(tmp_path / "grid28.bin"), **SMALL_CONCH)
+    want = resample_abs_pos_embed(big["trunk.pos_embed"], new_size=[14, 14], num_prefix_tokens=1,
+                                  interpolation="bilinear", antialias=False)
+    assert enc28.model.trunk.pos_embed.shape == (1, 197, 64) and torch.equal(enc28.model.trunk.pos_embed, want)
+    assert torch.equal(enc28.model.trunk.blocks[1].attn.qkv.weight, big["trunk.blocks.1.attn.qkv.weight"])
+    assert enc28(x[:1]).shape == (1, 768)
+
+    # Strict: a file without the pooler is a clear error, not a half-random model.
+    torch.save({k: v for k, v in big.items() if not k.startswith("attn_pool")}, tmp_path / "trunk_only.bin")
+    with pytest.raises(ValueError, match="conch_v15.*trunk_only.bin.*missing"):
+        encoder_factory("conch_v15", weights_path=tmp_path / "trunk_only.bin", **SMALL_CONCH)
+
+
+def test_weights_path_accepts_pathlib(tmp_path):
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from trident_lib.errors import WeightsNotFoundError as NotFound
+    from trident_lib.segmentation_models import segmentation_model_factory
+    from trident_lib.weights import file_checksum, find_weights, load_state_dict
+
+    ref = encoder_factory("resnet50", pretrained=False)
+    full = {k[len("net."):]: v for k, v in ref.model.state_dict().items()}
+    torch.save(full, tmp_path / "resnet50.pth")
+    enc = encoder_factory("resnet50", weights_path=Path(tmp_path / "resnet50.pth"))
+    x = torch.rand(1, 3, 224, 224)
+    assert torch.equal(enc(x), ref(x)) and isinstance(enc.weights_path, str)
+    assert find_weights("m", tmp_path / "resnet50.pth") == str(tmp_path / "resnet50.pth")
+    assert set(load_state_dict(tmp_path / "resnet50.pth")) == set(full)
+    assert file_checksum(tmp_path / "resnet50.pth") == enc.weights_sha256
+    # Slide encoders and segmenters take paths the same way.
+    ab = se.encoder_factory("feather", pretrained=False)
+    save_file({k: v.contiguous() for k, v in ab.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    loaded = se.encoder_factory("feather", weights_path=tmp_path)
+    assert loaded.weights_path == str(tmp_path / "model.safetensors")
+    with pytest.raises(NotFound, match="nowhere.pth"):
+        segmentation_model_factory("hest", weights_path=tmp_path / "nowhere.pth")
 
 
 @pytest.mark.parametrize("name", ["uni_v1", "keep", "gemma4-e4b", "ctranspath"])

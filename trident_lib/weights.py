@@ -67,10 +67,12 @@ def _hub_snapshot_file(repo_id: str, filenames: Iterable[str]) -> tuple[str | No
     return None, repo_dir
 
 
-def find_weights(model_name: str, weights_path: str | None = None, hub_repo: str | None = None,
+def find_weights(model_name: str, weights_path: str | os.PathLike | None = None, hub_repo: str | None = None,
                  filenames: Iterable[str] = ("model.safetensors", "pytorch_model.bin")) -> str:
-    """Path of the checkpoint file for ``model_name``, or a clear error listing where we looked."""
+    """Path (a str) of the checkpoint file for ``model_name``, or a clear error listing where we looked.
+    ``weights_path`` may be a str or any os.PathLike (pathlib.Path)."""
     filenames = tuple(filenames)
+    weights_path = os.fspath(weights_path) if weights_path is not None else None
     looked = []
     if weights_path:
         if os.path.isfile(weights_path):
@@ -99,9 +101,10 @@ def find_weights(model_name: str, weights_path: str | None = None, hub_repo: str
     raise WeightsNotFoundError(model_name, looked, how)
 
 
-def load_state_dict(path: str, model_name: str = "model") -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | os.PathLike, model_name: str = "model") -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint, without unpickling arbitrary objects. Unwraps common containers
     ('state_dict', 'model', 'teacher') and DataParallel 'module.' prefixes."""
+    path = os.fspath(path)
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -122,7 +125,7 @@ def load_state_dict(path: str, model_name: str = "model") -> dict[str, torch.Ten
     return sd
 
 
-def load_into(model: torch.nn.Module, state_dict: dict, model_name: str, path: str,
+def load_into(model: torch.nn.Module, state_dict: dict, model_name: str, path: str | os.PathLike,
               ignore_prefixes: tuple[str, ...] = ()) -> None:
     """Load strictly except for listed prefixes (e.g. a classifier head); a different architecture is a
     clear error naming the model and the file."""
@@ -149,6 +152,7 @@ def _sha256(path: str, mtime: float, size: int) -> str:
     return h.hexdigest()
 
 
-def file_checksum(path: str) -> str:
+def file_checksum(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
     st = os.stat(path)
     return _sha256(os.path.abspath(path), st.st_mtime, st.st_size)

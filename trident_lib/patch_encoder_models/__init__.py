@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from . import hf_family, timm_family  # noqa: F401  (register the specs)
+import os
+
+from . import conch_family, hf_family, timm_family  # noqa: F401  (register the specs)
 from .base import REGISTRY, BasePatchEncoder, CustomInferenceEncoder, EncoderSpec, eval_transforms, meta_device
 
 DEFAULT_ENCODER = "efficientnet_lite0"
@@ -28,7 +30,7 @@ for _cls, _name in _CLASSES.items():
     globals()[_cls] = type(_cls, (BasePatchEncoder,), {"spec_name": _name, "__doc__": f"The '{_name}' encoder."})
 
 
-def encoder_factory(model_name: str, weights_path: str | None = None, **kwargs) -> BasePatchEncoder:
+def encoder_factory(model_name: str, weights_path: str | os.PathLike | None = None, **kwargs) -> BasePatchEncoder:
     """Instantiate a patch encoder by name. Weights come from ``weights_path``, the lab's registry
     (``$TRIDENT_WEIGHTS_REGISTRY``) or the local hub cache; ``pretrained=False`` gives random weights."""
     if model_name not in REGISTRY:

@@ -52,12 +52,14 @@ class EncoderSpec:
     patch_size: int = 256  # recommended patch size and magnification
     mag: float = 20
     requires: tuple[str, ...] = ()  # importable modules the architecture needs
+    install: str | None = None  # how to install them, when it is not "pip install <module>"
     ignore_prefixes: tuple[str, ...] = ("head.", "fc.", "classifier.")  # classifier heads users' files may hold
     adapt_state_dict: Callable[[dict], dict] | None = None
     forward: Callable | None = None  # (model, x) -> features, when not model(x)
     load_weights: Callable | None = None  # (model, path) for formats that need their own loader
     packaged_weights: Callable[[], str] | None = None  # weights shipped inside an installed package
     from_folder: bool = False  # the architecture is defined by the checkpoint folder's config (transformers)
+    from_file: bool = False  # a package's own loader reads the checkpoint: build(path or None, **kw)
     fast_fp32_modules: tuple[str, ...] = ()  # kept in fp32 on the bf16 CPU fast path (see trident_lib.fastpath)
     licence: str = "see the model card"
     notes: str = ""
@@ -72,9 +74,22 @@ def register(*specs: EncoderSpec) -> None:
         REGISTRY[spec.name] = spec
 
 
+class MissingCodeError(MissingDependencyError):
+    """Model code that does not come from PyPI (a git package, a cloned repository): says how to get it."""
+
+    def __init__(self, what: str, package: str, how: str):
+        ImportError.__init__(self, f"{what} needs '{package}', which is not installed or not found. {how}")
+        self.what, self.package, self.how = what, package, how
+
+    def __reduce__(self):  # keep the fields when the error crosses a process boundary
+        return (type(self), (self.what, self.package, self.how))
+
+
 def require(spec: EncoderSpec) -> None:
     for module in spec.requires:
         if importlib.util.find_spec(module) is None:
+            if spec.install:
+                raise MissingCodeError(f"The '{spec.name}' patch encoder", module, f"Install it: {spec.install}")
             raise MissingDependencyError(f"The '{spec.name}' patch encoder", module.replace("_", "-"))
 
 
@@ -87,8 +102,8 @@ class BasePatchEncoder(torch.nn.Module):
 
     spec_name: str | None = None
 
-    def __init__(self, weights_path: str | None = None, pretrained: bool = True, model_name: str | None = None,
-                 **build_kwargs):
+    def __init__(self, weights_path: str | os.PathLike | None = None, pretrained: bool = True,
+                 model_name: str | None = None, **build_kwargs):
         super().__init__()
         spec = REGISTRY[model_name or self.spec_name]
         require(spec)
@@ -103,6 +118,11 @@ class BasePatchEncoder(torch.nn.Module):
             path = find_weights(spec.name, weights_path, spec.hub_repo, ("config.json",))
             self.model = spec.build(os.path.dirname(path), **{**spec.extra_kwargs, **build_kwargs})
             self.weights_path, self.weights_sha256 = path, file_checksum(path)
+        elif spec.from_file:  # built and loaded in one call by the package's loader (None: random weights)
+            path = self._find(weights_path) if pretrained else None
+            self.model = spec.build(path, **{**spec.extra_kwargs, **build_kwargs})
+            if path is not None:
+                self.weights_path, self.weights_sha256 = path, file_checksum(path)
         else:
             self.model = spec.build(**{**spec.extra_kwargs, **build_kwargs})
             if pretrained:
@@ -111,7 +131,7 @@ class BasePatchEncoder(torch.nn.Module):
         for p in self.model.parameters():
             p.requires_grad = False
 
-    def _find(self, weights_path: str | None) -> str:
+    def _find(self, weights_path: str | os.PathLike | None) -> str:
         try:
             return find_weights(self.spec.name, weights_path, self.spec.hub_repo, self.spec.weight_files)
         except WeightsNotFoundError:

@@ -1,5 +1,5 @@
 """Encoders published as Hugging Face transformers models (DINOv2 / ViT families), and those that need
-packages or model code outside PyPI's mainstream (CONCH, MUSK, KEEP, GenBio-PathFM, Gemma 4)."""
+packages or model code outside PyPI's mainstream (MUSK, KEEP, GenBio-PathFM, Gemma 4; CONCH: conch_family)."""
 
 from __future__ import annotations
 
@@ -84,11 +84,24 @@ register(
 
 # -- encoders whose model code lives outside the packages we depend on ------------------------------
 
-def _needs(package: str, what: str, how: str):
-    def build(*args, **kwargs):
-        raise MissingDependencyError(f"The '{what}' patch encoder ({how})", package)
+def build_musk():
+    import timm
+    from musk import modeling  # noqa: F401  (importing it registers musk_large_patch16_384 with timm)
 
-    return build
+    return timm.create_model("musk_large_patch16_384")
+
+
+def load_musk(model, path: str) -> None:
+    # MUSK's own loader: unwraps 'model'/'module', resizes the position table if needed, loads non-strictly.
+    from musk import utils
+
+    utils.load_model_and_may_interpolate(path, model, "model|module", "")
+
+
+def musk_image_embedding(model, x):
+    # The BEiT-3 vision class token without head or normalisation: 1024-d. TRIDENT runs one scale
+    # (ms_aug=False); MUSK's multiscale option would concatenate a second scale (2048-d).
+    return model(image=x, with_head=False, out_norm=False, ms_aug=False, return_global=True)[0]
 
 
 def _from_folder_transformers(folder: str, **kwargs):
@@ -107,15 +120,10 @@ def _pooled(model, x):
 
 
 register(
-    EncoderSpec("conch_v1", 512, _needs("conch", "conch_v1", "pip install git+https://github.com/Mahmoodlab/CONCH"),
-                IMAGENET, size=448, precision="fp32", hub_repo="MahmoodLab/CONCH", patch_size=512,
-                requires=("conch",), licence="CC-BY-NC-ND-4.0"),
-    EncoderSpec("conch_v15", 768, _needs("conch", "conch_v15", "CONCH v1.5 builds on the CONCH package"),
-                IMAGENET, size=448, precision="fp16", hub_repo="MahmoodLab/conchv1_5", patch_size=512,
-                requires=("conch",), licence="CC-BY-NC-ND-4.0"),
-    EncoderSpec("musk", 1024, _needs("musk", "musk", "pip install git+https://github.com/lilab-stanford/MUSK"),
-                ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), size=384, precision="fp16", hub_repo="xiangjx/musk",
-                patch_size=384, requires=("musk",), licence="CC-BY-NC-ND-4.0"),
+    EncoderSpec("musk", 1024, build_musk, ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), size=384, interpolation="bicubic",
+                precision="fp16", hub_repo="xiangjx/musk", weight_files=("model.safetensors",), patch_size=384,
+                requires=("musk",), install="pip install git+https://github.com/lilab-stanford/MUSK fairscale",
+                load_weights=load_musk, forward=musk_image_embedding, licence="CC-BY-NC-ND-4.0"),
     EncoderSpec("keep", 768, _from_folder_transformers, OPENAI_CLIP, hub_repo="Astaxanthin/KEEP", from_folder=True,
                 forward=_pooled, requires=("transformers",), licence="see model card"),
     EncoderSpec("genbio-pathfm", 4608, _from_folder_transformers, IMAGENET, hub_repo="genbio-ai/genbio-pathfm",

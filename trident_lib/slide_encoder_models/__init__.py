@@ -7,13 +7,20 @@ Each slide encoder names the patch encoder (and magnification / patch size) its 
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import json
+import os
+import sys
+from argparse import Namespace
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..errors import MissingDependencyError
+from ..errors import MissingDependencyError, WeightsNotFoundError
 from ..patch_encoder_models import REGISTRY as PATCH_REGISTRY
+from ..patch_encoder_models.base import MissingCodeError
 from ..weights import file_checksum, find_weights, load_into, load_state_dict
 
 
@@ -26,19 +33,31 @@ class SlideEncoderSpec:
     dim: int
     kind: str  # "mean", "abmil", "remote_code" (model code shipped with the checkpoint) or "package"
     hub_repo: str | None = None
-    package: str | None = None
+    package: str | None = None  # importable module (kind "package")
     precision: str = "fp32"
+    weight_files: tuple[str, ...] = ()
+    install: str | None = None  # how to get the package
 
 
 SPECS: dict[str, SlideEncoderSpec] = {}
 for _spec in [
-    SlideEncoderSpec("threads", "conch_v15", 20, 512, 1024, "package", package="threads"),
+    SlideEncoderSpec("threads", "conch_v15", 20, 512, 1024, "package", package="threadsmodel",
+                     install="THREADS has not been publicly released (TRIDENT lists it as 'Coming Soon')."),
     SlideEncoderSpec("titan", "conch_v15", 20, 512, 768, "remote_code", hub_repo="MahmoodLab/TITAN",
                      precision="fp16"),
     SlideEncoderSpec("prism", "virchow", 20, 224, 1280, "remote_code", hub_repo="paige-ai/Prism", precision="fp16"),
-    SlideEncoderSpec("chief", "ctranspath", 10, 256, 768, "package", package="chief"),
-    SlideEncoderSpec("gigapath", "gigapath", 20, 256, 768, "package", package="gigapath", precision="fp16"),
-    SlideEncoderSpec("madeleine", "conch_v1", 10, 256, 512, "package", package="madeleine"),
+    SlideEncoderSpec("chief", "ctranspath", 10, 256, 768, "package", package="CHIEF",
+                     weight_files=("model_weight/CHIEF_pretraining.pth",),
+                     install="git clone https://github.com/hms-dbmi/CHIEF, put CHIEF_pretraining.pth and "
+                             "Text_emdding.pth in its model_weight/ folder, and pass the clone as weights_path (or "
+                             "list it as 'chief' in $TRIDENT_WEIGHTS_REGISTRY)."),
+    SlideEncoderSpec("gigapath", "gigapath", 20, 256, 768, "package", hub_repo="prov-gigapath/prov-gigapath",
+                     package="gigapath", precision="fp16", weight_files=("slide_encoder.pth",),
+                     install="pip install git+https://github.com/prov-gigapath/prov-gigapath (with fairscale "
+                             "and flash-attn)"),
+    SlideEncoderSpec("madeleine", "conch_v1", 10, 256, 512, "package", hub_repo="MahmoodLab/madeleine",
+                     package="madeleine", weight_files=("model_config.json",),
+                     install="pip install git+https://github.com/mahmoodlab/MADELEINE"),
     SlideEncoderSpec("feather", "conch_v15", 20, 512, 512, "abmil", hub_repo="MahmoodLab/feather"),
     SlideEncoderSpec("feather_uni_v2", "uni_v2", 20, 256, 512, "abmil", hub_repo="MahmoodLab/feather"),
     SlideEncoderSpec("abmil", "", 20, 256, 512, "abmil"),
@@ -136,8 +155,6 @@ class RemoteCodeSlideEncoder(BaseSlideEncoder):
         if not trust_remote_code:
             raise PermissionError(f"{spec.name}: the checkpoint at {path} ships its own model code; pass "
                                   f"trust_remote_code=True to run it (it is never fetched).")
-        import os
-
         self.model = transformers.AutoModel.from_pretrained(os.path.dirname(path), local_files_only=True,
                                                             trust_remote_code=True)
         self.weights_path, self.weights_sha256 = path, file_checksum(path)
@@ -149,8 +166,119 @@ class RemoteCodeSlideEncoder(BaseSlideEncoder):
         return self.model.slide_representations(feats)["image_embedding"]
 
 
-def encoder_factory(model_name: str, pretrained: bool = True, freeze: bool = True, weights_path: str | None = None,
-                    **kwargs) -> BaseSlideEncoder:
+# -- slide encoders whose model code comes from a package or a cloned repository -----------------------
+
+def _require(spec: SlideEncoderSpec) -> None:
+    if importlib.util.find_spec(spec.package) is None:
+        raise MissingCodeError(f"The '{spec.name}' slide encoder", spec.package, f"Install it: {spec.install}")
+
+
+class GigaPathSlideEncoder(BaseSlideEncoder):
+    """Prov-GigaPath's LongNet slide encoder, built by the gigapath package from the lab's ``slide_encoder.pth``.
+
+    Each patch sits on a grid of ``patch_size_level0`` tiles (TRIDENT's placement); the output is the
+    mean-pooled, normed state after ``layer`` (TRIDENT takes 11 of 12 blocks; upstream calls the 12th
+    "last_layer_embed"): 768-d."""
+
+    def __init__(self, spec, weights_path=None, pretrained=True, layer: int = 11):
+        super().__init__(spec)
+        _require(spec)
+        from gigapath import slide_encoder
+
+        # A local path never triggers gigapath's download; "" asks it for random weights.
+        path = find_weights(spec.name, weights_path, spec.hub_repo, spec.weight_files) if pretrained else ""
+        self.model = slide_encoder.create_model(path, "gigapath_slide_enc12l768d", 1536, global_pool=True)
+        self.layer = layer
+        if path:
+            self.weights_path, self.weights_sha256 = path, file_checksum(path)
+
+    def forward(self, batch, device="cuda"):
+        tile = int(batch["attributes"]["patch_size_level0"])
+        # gigapath divides coordinates by 256 to find grid cells: hand it cells of ``tile`` pixels instead.
+        coords = torch.div(batch["coords"].to(device), tile, rounding_mode="floor") * 256
+        return self.model(batch["features"].to(device), coords, all_layer_embed=True)[self.layer]
+
+
+@contextlib.contextmanager
+def _inside(folder: str):
+    """CHIEF's code imports its sibling modules and reads model_weight/ relative to the working directory."""
+    sys.path.insert(0, folder)
+    try:
+        with contextlib.chdir(folder):
+            yield
+    finally:
+        sys.path.remove(folder)
+
+
+class CHIEFSlideEncoder(BaseSlideEncoder):
+    """CHIEF from a clone of hms-dbmi/CHIEF (it is not a package): ``models.CHIEF.CHIEF`` (small, gated
+    attention) with ``model_weight/CHIEF_pretraining.pth`` loaded strictly. Output: the attention-weighted sum
+    of the slide's CTransPath features, 768-d (independent of the organ index)."""
+
+    def __init__(self, spec, weights_path=None, pretrained=True):
+        super().__init__(spec)
+        try:  # weights_path: the clone, or its model_weight/CHIEF_pretraining.pth
+            path = find_weights(spec.name, weights_path, None, spec.weight_files)
+        except WeightsNotFoundError as e:
+            raise MissingCodeError(f"The '{spec.name}' slide encoder", spec.package, f"{e} {spec.install}") from e
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        code = os.path.join(repo, "models", "CHIEF.py")
+        if not os.path.isfile(code):
+            raise MissingCodeError(f"The '{spec.name}' slide encoder", spec.package,
+                                   f"{code} does not exist. {spec.install}")
+        with _inside(repo):
+            module_spec = importlib.util.spec_from_file_location("trident_chief_model", code)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+            self.model = module.CHIEF(size_arg="small", dropout=True, n_classes=2)
+        if pretrained:
+            load_into(self.model, load_state_dict(path, spec.name), spec.name, path)
+            self.weights_path, self.weights_sha256 = path, file_checksum(path)
+
+    def forward(self, batch, device="cuda"):
+        organ = torch.tensor([0], device=device)  # CHIEF's slide feature does not depend on it
+        return torch.cat([self.model(f, organ)["WSI_feature"].reshape(1, -1)
+                          for f in batch["features"].to(device)])
+
+
+class MadeleineSlideEncoder(BaseSlideEncoder):
+    """MADELEINE's H&E slide embedder (over CONCH v1 features): the package's ``MADELEINE`` model built from
+    ``model_config.json`` and loaded strictly from ``model.pt`` in the same folder. Loaded here rather than
+    through its factory, which always calls the hub, places the model on "cuda" and unpickles freely: 512-d."""
+
+    def __init__(self, spec, weights_path=None, pretrained=True):
+        super().__init__(spec)
+        _require(spec)
+        from madeleine.models.Model import MADELEINE
+
+        config_path = find_weights(spec.name, weights_path, spec.hub_repo, spec.weight_files)
+        folder = os.path.dirname(config_path)
+        with open(os.path.join(folder, "model_config.json")) as f:
+            config = Namespace(**json.load(f))
+        self.model = MADELEINE(config, stain_encoding=False)
+        # The config names the precision it was trained in ("float64", "float32" or "bfloat16").
+        self.precision = torch.bfloat16 if getattr(config, "precision", "") == "bfloat16" else torch.float32
+        if pretrained:
+            path = os.path.join(folder, "model.pt")
+            sd = load_state_dict(path, spec.name)
+            sd = {k.removeprefix("module."): v for k, v in sd.items()}  # DataParallel keys
+            load_into(self.model, sd, spec.name, path)
+            self.weights_path, self.weights_sha256 = path, file_checksum(path)
+
+    def forward(self, batch, device="cuda"):
+        return self.model.encode_he(batch["features"].to(device), device)
+
+
+def _threads(spec, **kwargs):
+    raise MissingCodeError(f"The '{spec.name}' slide encoder", spec.package, spec.install)
+
+
+PACKAGE_ENCODERS = {"gigapath": GigaPathSlideEncoder, "chief": CHIEFSlideEncoder,
+                    "madeleine": MadeleineSlideEncoder, "threads": _threads}
+
+
+def encoder_factory(model_name: str, pretrained: bool = True, freeze: bool = True,
+                    weights_path: str | os.PathLike | None = None, **kwargs) -> BaseSlideEncoder:
     """Build a slide encoder. ``mean-<patch encoder>`` and ``abmil`` need no weights; pretrained ones
     load from ``weights_path`` or the local caches, or fail with an error that says how to supply them."""
     spec = slide_encoder_spec(model_name)
@@ -165,7 +293,7 @@ def encoder_factory(model_name: str, pretrained: bool = True, freeze: bool = Tru
     elif spec.kind == "remote_code":
         model = RemoteCodeSlideEncoder(spec, weights_path, **kwargs)
     else:
-        raise MissingDependencyError(f"The '{spec.name}' slide encoder", spec.package)
+        model = PACKAGE_ENCODERS[spec.name](spec, weights_path=weights_path, pretrained=pretrained, **kwargs)
     if freeze:
         model.eval()
         for p in model.parameters():
@@ -173,5 +301,16 @@ def encoder_factory(model_name: str, pretrained: bool = True, freeze: bool = Tru
     return model
 
 
-__all__ = ["encoder_factory", "slide_to_patch_encoder_name", "slide_encoder_spec", "SlideEncoderSpec",
-           "MeanSlideEncoder", "ABMILSlideEncoder", "BaseSlideEncoder", "SPECS"]
+__all__ = [
+    "SPECS",
+    "ABMILSlideEncoder",
+    "BaseSlideEncoder",
+    "CHIEFSlideEncoder",
+    "GigaPathSlideEncoder",
+    "MadeleineSlideEncoder",
+    "MeanSlideEncoder",
+    "SlideEncoderSpec",
+    "encoder_factory",
+    "slide_encoder_spec",
+    "slide_to_patch_encoder_name",
+]
