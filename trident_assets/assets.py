@@ -16,10 +16,10 @@ import trident_lib
 from trident_lib import load_wsi
 from trident_lib.contours import empty_gdf
 from trident_lib.devices import lease_device
-from trident_lib.errors import SlideError
+from trident_lib.errors import SlideError, TooLowResolutionError
 from trident_lib.extraction import feature_attrs, patch_features, slide_embedding
 from trident_lib.patch_encoder_models import encoder_factory, encoder_spec
-from trident_lib.patching import draw_coords, tissue_coords
+from trident_lib.patching import draw_coords, max_plausible_patches, tissue_coords
 from trident_lib.segmentation import segment_tissue
 from trident_lib.segmentation_models import segmentation_model_factory
 from trident_lib.slide_encoder_models import encoder_factory as slide_encoder_factory
@@ -189,7 +189,7 @@ def build_assets(settings: Settings) -> list:
 def _coords_asset(settings: Settings, coords_dir: str, pe, common):
     key = dg.AssetKey(["patch_coords", coords_dir])
     version = version_of(LIB, pe.mag, pe.patch_size, pe.overlap, settings.min_tissue_proportion,
-                         settings.use_measured_mpp)
+                         settings.use_measured_mpp, settings.max_upsampling)
 
     @dg.asset(**common, key=key, group_name="slides", code_version=version, kinds={"hdf5"},
               ins={"tissue_contours": dg.AssetIn("tissue_contours"), "slide_file": dg.AssetIn("slide_file")},
@@ -206,9 +206,15 @@ def _coords_asset(settings: Settings, coords_dir: str, pe, common):
             if status_of(tissue.provenance) == "error":
                 return failed(k, tissue.provenance.get("error", "upstream error"))
             with inbox.open(slide_file[k]) as wsi:
-                coords, attrs = tissue_coords(wsi, pe.mag, pe.patch_size, pe.overlap, settings.min_tissue_proportion,
-                                              mask=tissue.gdf, use_measured_mpp=settings.use_measured_mpp,
-                                              save_dir=coords_dir)
+                try:
+                    coords, attrs = tissue_coords(wsi, pe.mag, pe.patch_size, pe.overlap,
+                                                  settings.min_tissue_proportion, mask=tissue.gdf,
+                                                  use_measured_mpp=settings.use_measured_mpp, save_dir=coords_dir,
+                                                  max_upsampling=settings.max_upsampling)
+                except TooLowResolutionError as e:  # a property of the scan, like no tissue: not a failed run
+                    context.log.warning(str(e))
+                    empty = np.zeros((0, 2), np.int64)
+                    return Coords(empty, error_coords_attrs(k, pe), {"status": e.status, "error": str(e)}), None
                 # The grid picture only shows in single-slide metadata: do not draw it for every slide of a batch.
                 grid = picture_md(draw_coords(wsi, coords, attrs["patch_size_level0"], contours=tissue.gdf)) \
                     if len(tissue_contours) == 1 else None
@@ -224,6 +230,8 @@ def _coords_asset(settings: Settings, coords_dir: str, pe, common):
             elif (c.coords < 0).any() or (c.coords[:, 0] >= c.attrs["level0_width"]).any() or \
                     (c.coords[:, 1] >= c.attrs["level0_height"]).any():
                 failing[k] = "coordinates outside the slide"
+            elif len(c.coords) > (most := max_plausible_patches(tissue_contours[k].gdf, c.attrs)):
+                failing[k] = f"{len(c.coords)} patches where the tissue area holds at most {most}"
         yield dg.Output(out, metadata=single_metadata(done, lambda k, v: {
             "status": status_of(v[0].provenance), "patches": len(v[0].coords),
             "patch_size_level0": v[0].attrs.get("patch_size_level0", 0), "grid": v[1] or "none"}))
@@ -360,16 +368,25 @@ def _cohort_embeddings_asset(settings: Settings, se):
     return cohort_embeddings
 
 
-def qc_table(settings: Settings, trident_io: TridentIOManager, keys: list[str]) -> pd.DataFrame:
-    """Per slide: status, error, tissue area, mpp and patch count per coordinates setting."""
+def qc_table(settings: Settings, trident_io: TridentIOManager, keys: list[str], instance=None) -> pd.DataFrame:
+    """Per slide: status, error, tissue area, mpp and patch count per coordinates setting. A slide with no
+    outputs whose last run failed shows that run's error (from ``instance``)."""
     coords_dirs = list(settings.coords_configs)
     tissue = trident_io.read_existing(["tissue_contours"], keys, None)
     coords = {c: trident_io.read_existing(["patch_coords", c], keys, None) for c in coords_dirs}
+    failed = failed_run_errors(instance, [k for k in keys if k not in tissue]) if instance else {}
     rows = []
     for k in keys:
         t = tissue.get(k)
-        row = {"slide": k, "status": status_of(t.provenance) if t else "not_processed",
-               "error": str(t.provenance.get("error", "")) if t else "",
+        # The first stage that is not ok gives the slide's status (no tissue, too low a resolution, error).
+        stages = [t.provenance] if t else []
+        stages += [coords[c][k].provenance for c in coords_dirs if k in coords[c]]
+        bad = next((p for p in stages if status_of(p) != "ok"), None)
+        if t:
+            status, error = (status_of(bad), str(bad.get("error", ""))) if bad else ("ok", "")
+        else:
+            status, error = ("error", failed[k]) if k in failed else ("not_processed", "")
+        row = {"slide": k, "status": status, "error": error,
                "tissue_area_px": round(float(t.gdf.area.sum())) if t else 0,
                "mpp": t.provenance.get("mpp") if t else None}
         for c in coords_dirs:
@@ -379,6 +396,24 @@ def qc_table(settings: Settings, trident_io: TridentIOManager, keys: list[str]) 
     return pd.DataFrame(rows)
 
 
+def failed_run_errors(instance: dg.DagsterInstance, keys: list[str]) -> dict[str, str]:
+    """The error message of each slide's latest run, when that run failed (the sensor's runs are one slide
+    each and tagged with it)."""
+    out = {}
+    for k in keys:
+        records = instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": k}), limit=1)
+        if not records or records[0].dagster_run.status != dg.DagsterRunStatus.FAILURE:
+            continue
+        run_id = records[0].dagster_run.run_id
+        failures = instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE) or \
+            instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+        out[k] = failures[-1].message if failures else "its run failed"
+        data = failures[-1].dagster_event.event_specific_data if failures else None
+        if getattr(data, "user_failure_data", None) and data.user_failure_data.description:
+            out[k] = data.user_failure_data.description  # the Failure's own message, without the step prefix
+    return out
+
+
 def _qc_asset(settings: Settings):
     deps = ["tissue_contours", *[["patch_coords", c] for c in settings.coords_configs]]
 
@@ -386,7 +421,7 @@ def _qc_asset(settings: Settings):
               code_version=f"qc-{LIB}", automation_condition=dg.AutomationCondition.eager(),
               description="Per slide: status, tissue area, patch counts; the table to review a cohort by.")
     def cohort_qc(context: dg.AssetExecutionContext, trident_io: dg.ResourceParam[TridentIOManager]) -> pd.DataFrame:
-        table = qc_table(settings, trident_io, context.instance.get_dynamic_partitions("slides"))
+        table = qc_table(settings, trident_io, context.instance.get_dynamic_partitions("slides"), context.instance)
         context.add_output_metadata({"slides": len(table), "passing": int(table["qc_pass"].sum()) if len(table) else 0,
                                      "table": markdown_table(table) if len(table) else "empty"})
         return table

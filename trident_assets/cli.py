@@ -157,7 +157,7 @@ def print_status(settings, keys: list[str]) -> None:
     from .assets import qc_table
     from .io_managers import TridentIOManager
 
-    table = qc_table(settings, TridentIOManager(base_path=settings.resolve(settings.storage)), keys)
+    table = qc_table(settings, TridentIOManager(base_path=settings.resolve(settings.storage)), keys, _instance())
     if table.empty:
         print("no slides")
         return

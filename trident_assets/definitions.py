@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from . import dagster_fixes
 from .assets import Inbox, build_assets, slides
 from .io_managers import TridentIOManager
 from .sensors import build_automation_sensor, build_inbox_sensor
@@ -12,6 +13,7 @@ from .settings import Settings, load_settings
 
 def build_definitions(settings: Settings | None = None, resources: dict | None = None) -> dg.Definitions:
     """``resources`` replaces the default ones (for example a different inbox in tests)."""
+    dagster_fixes.apply()
     settings = settings or load_settings()
     assets = build_assets(settings)
     per_slide = [a for a in assets if a.partitions_def is not None]

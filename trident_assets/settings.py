@@ -74,6 +74,7 @@ class Settings:
     holes_are_tissue: bool = True  # TRIDENT's batch default (--remove_holes off)
     min_tissue_proportion: float = 0.0
     use_measured_mpp: bool = False
+    max_upsampling: float = 2.0  # patching above this times the scan's magnification is refused
     device: str = "auto"  # "auto" picks a free GPU when there is one, else the CPU
     sensor_max_new_slides: int = 50
     backfill_slides_per_run: int = 16

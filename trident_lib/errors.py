@@ -33,6 +33,13 @@ class SlideTooLargeError(SlideError):
     """An image would not fit in memory for a reader that decodes it whole."""
 
 
+class TooLowResolutionError(SlideError):
+    """The requested magnification is far above what the slide was scanned at: patches would be invented
+    by upsampling, not read."""
+
+    status = "too_low_resolution"
+
+
 class MissingDependencyError(ImportError):
     """An optional package is needed for this reader or model."""
 

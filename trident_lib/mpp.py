@@ -5,6 +5,8 @@ from __future__ import annotations
 import warnings
 from typing import Mapping, Sequence
 
+from .errors import TooLowResolutionError
+
 # Property keys tried in this order; the first that parses as a float wins.
 MPP_KEYS = (
     "openslide.mpp-x",
@@ -64,7 +66,19 @@ def format_mag(mag: float) -> str:
     return f"{mag:g}"
 
 
-def warn_if_upsampling(slide_name: str, level0_mag: float, target_mag: float) -> None:
+MAX_UPSAMPLING = 2.0  # patching at more than this times the scan's magnification is refused by default
+
+
+def check_upsampling(slide_name: str, level0_mag: float, target_mag: float,
+                     max_upsampling: float = MAX_UPSAMPLING) -> None:
+    """Refuse to patch far above the scan's magnification (each patch would be a few scanned pixels blown
+    up); warn when patching above it at all."""
+    if target_mag > level0_mag * max_upsampling:
+        raise TooLowResolutionError(
+            slide_name, f"scanned at {format_mag(level0_mag)}x, too low for patches at {format_mag(target_mag)}x "
+            f"({target_mag / level0_mag:.1f}x upsampling; at most {max_upsampling:g}x is allowed).",
+            f"patch it at {format_mag(level0_mag)}x or lower, or raise max_upsampling if you really want "
+            f"upsampled patches.")
     if target_mag > level0_mag:
         warnings.warn(
             f"{slide_name}: patching at {format_mag(target_mag)}x but the slide is scanned at "

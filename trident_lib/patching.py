@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from .contours import load_geojson, tissue_union
 from .io import read_coords_h5, save_coords_h5, save_image
-from .mpp import warn_if_upsampling
+from .mpp import MAX_UPSAMPLING, check_upsampling
 
 LEVEL_TOLERANCE = 0.1  # a pyramid level within this of the wanted downsample is read as is
 VIZ_MAX_SIZE = 1024
@@ -163,6 +163,16 @@ def filter_coords(coords: np.ndarray, patch_size_src: int, patch_size_target: in
     return coords[keep]
 
 
+def max_plausible_patches(mask: gpd.GeoDataFrame, attrs: dict) -> int:
+    """The most patches a tissue mask can yield with these coords attributes: a kept patch lies inside the
+    tissue grown by a patch diagonal (plus the filter's simplification tolerance), and the top-left
+    step x step cells of distinct patches do not overlap. More patches than this means a broken grid."""
+    ps0, ps = float(attrs["patch_size_level0"]), float(attrs["patch_size"])
+    step = ps0 - float(attrs.get("overlap", 0)) * ps0 / ps
+    grown = tissue_union(mask).buffer(ps0 * math.sqrt(2) + ps / 4)
+    return int(grown.area // (step * step)) + 1
+
+
 def coords_attrs(patcher: WSIPatcher, target_mag: float, save_dir: str) -> dict:
     wsi = patcher.wsi
     return {
@@ -191,24 +201,27 @@ def resolve_mask(wsi, mask) -> gpd.GeoDataFrame | None:
 
 
 def tissue_coords(wsi, target_mag: float, patch_size: int, overlap: int = 0, min_tissue_proportion: float = 0.0,
-                  mask=None, use_measured_mpp: bool = False, save_dir: str = "") -> tuple[np.ndarray, dict]:
-    """(coords, attrs) of the tissue patches: the one implementation behind every coords output."""
+                  mask=None, use_measured_mpp: bool = False, save_dir: str = "",
+                  max_upsampling: float = MAX_UPSAMPLING) -> tuple[np.ndarray, dict]:
+    """(coords, attrs) of the tissue patches: the one implementation behind every coords output. A target
+    magnification more than ``max_upsampling`` times the scan's raises TooLowResolutionError."""
     wsi._lazy_initialize()
     gdf = resolve_mask(wsi, mask)
     if gdf is None:
         raise ValueError(f"{wsi.name}: no tissue mask; run segment_tissue first or pass mask=<GeoJSON path>.")
-    warn_if_upsampling(wsi.name, wsi.mag, target_mag)
+    check_upsampling(wsi.name, wsi.mag, target_mag, max_upsampling)
     patcher = WSIPatcher(wsi, patch_size, dst_mag=target_mag, overlap=overlap, mask=gdf, coords_only=True,
                          threshold=min_tissue_proportion, use_measured_mpp=use_measured_mpp)
     return patcher.valid_coords, coords_attrs(patcher, target_mag, save_dir)
 
 
-def extract_tissue_coords(wsi, target_mag: float, patch_size: int, save_coords: str, overlap: int = 0,
+def extract_tissue_coords(wsi, target_mag: float, patch_size: int, save_coords: str | os.PathLike, overlap: int = 0,
                           min_tissue_proportion: float = 0.0, mask=None, use_measured_mpp: bool = False,
-                          provenance: dict | None = None) -> str:
+                          provenance: dict | None = None, max_upsampling: float = MAX_UPSAMPLING) -> str:
     """Coordinates of tissue patches, written to ``<save_coords>/patches/<slide>_patches.h5``."""
+    save_coords = os.fspath(save_coords)
     coords, attrs = tissue_coords(wsi, target_mag, patch_size, overlap, min_tissue_proportion, mask,
-                                  use_measured_mpp, save_coords)
+                                  use_measured_mpp, save_coords, max_upsampling)
     path = os.path.join(save_coords, "patches", f"{wsi.name}_patches.h5")
     return save_coords_h5(path, coords, attrs, provenance)
 
@@ -229,7 +242,8 @@ def draw_coords(wsi, coords: np.ndarray, patch_size_level0: int, max_size: int =
     return thumb
 
 
-def visualize_coords(wsi, coords_path: str, save_patch_viz: str) -> str:
+def visualize_coords(wsi, coords_path: str | os.PathLike, save_patch_viz: str | os.PathLike) -> str:
+    coords_path, save_patch_viz = os.fspath(coords_path), os.fspath(save_patch_viz)
     coords, attrs = read_coords_h5(coords_path)
     img = draw_coords(wsi, coords, int(attrs.get("patch_size_level0", 256)))
     return save_image(os.path.join(save_patch_viz, f"{wsi.name}.jpg"), img, quality=90)
@@ -251,8 +265,9 @@ def patcher_from_coords_file(wsi, coords_path: str, pil: bool = False) -> WSIPat
     return patcher_from_coords(wsi, coords, attrs, pil)
 
 
-def dump_patches(wsi, coords_path: str, save_patches_dir: str, max_patches: int = 0, image_format: str = "png",
-                 jpeg_quality: int = 90) -> str:
+def dump_patches(wsi, coords_path: str | os.PathLike, save_patches_dir: str | os.PathLike, max_patches: int = 0,
+                 image_format: str = "png", jpeg_quality: int = 90) -> str:
+    coords_path, save_patches_dir = os.fspath(coords_path), os.fspath(save_patches_dir)
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
     out_dir = os.path.join(save_patches_dir, wsi.name)
