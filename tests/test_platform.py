@@ -105,7 +105,7 @@ def cohort(tmp_path, slides):
     shutil.copy(slides["aperio_20x"], inbox / "nested" / "my slide (2).svs")
     shutil.copy(slides["background"], inbox / "blank.svs")
     (inbox / "broken.svs").write_text("not a slide")
-    settings = Settings(inbox=str(inbox), storage=str(tmp_path / "out"),
+    settings = Settings(inbox=str(inbox), storage=str(tmp_path / "out"), inbox_settle_seconds=0,
                         patch_encoders=(PatchEncoderConfig("efficientnet_lite0", batch_size=16),),
                         slide_encoders=(SlideEncoderConfig("mean-efficientnet_lite0"),))
     return settings, build_definitions(settings)
@@ -133,16 +133,16 @@ def test_materialize_every_asset(cohort):
         ok = job.execute_in_process(partition_key="CMU-1-Small-Region.svs", instance=instance)
         assert ok.success and all(passed for passed, _ in run_events(ok).values())
         with h5py.File(out / "20x_256px_0px_overlap" / "patches" / "CMU-1-Small-Region.svs_patches.h5") as f:
-            assert f["coords"].shape == (60, 2)
+            assert f["coords"].shape == (58, 2)
         feats = out / "20x_256px_0px_overlap" / "features_efficientnet_lite0" / "CMU-1-Small-Region.svs.h5"
         with h5py.File(feats) as f:
-            assert f["features"].shape == (60, 1280) and f["coords"].attrs["patch_size"] == 256
+            assert f["features"].shape == (58, 1280) and f["coords"].attrs["patch_size"] == 256
         with h5py.File(out / "20x_256px_0px_overlap" / "slide_features_mean-efficientnet_lite0" /
                        "CMU-1-Small-Region.svs.h5") as f:
             assert f["features"].shape == (1280,)
         assert (out / "contours" / "CMU-1-Small-Region.svs.jpg").exists()
         mat = instance.get_latest_materialization_event(dg.AssetKey(["patch_coords", "20x_256px_0px_overlap"]))
-        assert mat.asset_materialization.metadata["patches"].value == 60
+        assert mat.asset_materialization.metadata["patches"].value == 58
 
         blank = job.execute_in_process(partition_key="blank.svs", instance=instance)
         checks = run_events(blank)
@@ -177,9 +177,8 @@ def test_materialize_every_asset(cohort):
 def test_inbox_sensor_ticks(cohort, tmp_path):
     settings, defs = cohort
     sensor = defs.resolve_sensor_def("inbox_sensor")
-    inbox = Inbox(path=settings.inbox)
     with dg.instance_for_test() as instance:
-        ctx = dg.build_sensor_context(instance=instance, resources={"inbox": inbox}, definitions=defs)
+        ctx = dg.build_sensor_context(instance=instance, resources=defs.resources, definitions=defs)
         first = sensor(ctx)
         keys = {r.partition_key for r in first.run_requests}
         assert len(keys) == 4 and "broken.svs" in keys  # the broken file gets one run that fails clearly
@@ -187,14 +186,14 @@ def test_inbox_sensor_ticks(cohort, tmp_path):
         instance.add_dynamic_partitions("slides", sorted(keys))
 
         again = sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor,
-                                                             resources={"inbox": inbox}, definitions=defs))
-        assert isinstance(again, dg.SkipReason)  # unchanged files, the broken one included, are not retried
+                                                             resources=defs.resources, definitions=defs))
+        assert not again.run_requests and again.skip_reason  # unchanged files, the broken one too, are not retried
 
         target = Path(settings.inbox) / "blank.svs"
         os.utime(target, (target.stat().st_atime, target.stat().st_mtime + 10))  # replaced in place
         (Path(settings.inbox) / "new.svs").symlink_to(fixture_slide("openslide-small.svs"))
         third = sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor,
-                                                             resources={"inbox": inbox}, definitions=defs))
+                                                             resources=defs.resources, definitions=defs))
         assert sorted(r.partition_key for r in third.run_requests) == ["blank.svs", "new.svs"]
         assert third.dynamic_partitions_requests[0].partition_keys == ["new.svs"]
 
@@ -204,12 +203,12 @@ def test_sensor_cap_per_tick(cohort):
     defs = build_definitions(Settings(**{**settings.__dict__, "sensor_max_new_slides": 3}))
     sensor = defs.resolve_sensor_def("inbox_sensor")
     with dg.instance_for_test() as instance:
-        ctx = dg.build_sensor_context(instance=instance, resources={"inbox": Inbox(path=settings.inbox)},
+        ctx = dg.build_sensor_context(instance=instance, resources=defs.resources,
                                       definitions=defs)
         first = sensor(ctx)
         assert len(first.run_requests) == 3
         second = sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor,
-                                                              resources={"inbox": Inbox(path=settings.inbox)},
+                                                              resources=defs.resources,
                                                               definitions=defs))
         assert len(second.run_requests) == 1
 

@@ -370,8 +370,11 @@ def _cohort_embeddings_asset(settings: Settings, se):
 
 def qc_table(settings: Settings, trident_io: TridentIOManager, keys: list[str], instance=None) -> pd.DataFrame:
     """Per slide: status, error, tissue area, mpp and patch count per coordinates setting. A slide with no
-    outputs whose last run failed shows that run's error (from ``instance``)."""
+    outputs whose last run failed shows that run's error (from ``instance``); files that never finished
+    arriving are listed as 'arriving'."""
     coords_dirs = list(settings.coords_configs)
+    arriving = trident_io.arriving()
+    keys = [*keys, *sorted(set(arriving) - set(keys))]
     tissue = trident_io.read_existing(["tissue_contours"], keys, None)
     coords = {c: trident_io.read_existing(["patch_coords", c], keys, None) for c in coords_dirs}
     failed = failed_run_errors(instance, [k for k in keys if k not in tissue]) if instance else {}
@@ -384,8 +387,10 @@ def qc_table(settings: Settings, trident_io: TridentIOManager, keys: list[str], 
         bad = next((p for p in stages if status_of(p) != "ok"), None)
         if t:
             status, error = (status_of(bad), str(bad.get("error", ""))) if bad else ("ok", "")
+        elif k in failed:
+            status, error = "error", failed[k]
         else:
-            status, error = ("error", failed[k]) if k in failed else ("not_processed", "")
+            status, error = ("arriving", arriving[k]) if k in arriving else ("not_processed", "")
         row = {"slide": k, "status": status, "error": error,
                "tissue_area_px": round(float(t.gdf.area.sum())) if t else 0,
                "mpp": t.provenance.get("mpp") if t else None}

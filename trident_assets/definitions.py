@@ -26,7 +26,8 @@ def build_definitions(settings: Settings | None = None, resources: dict | None =
         # parallelism comes from several runs at once and from the data-loader workers inside a step.
         executor=dg.in_process_executor,
         jobs=[process_slides, cohort],
-        sensors=[build_inbox_sensor(process_slides, settings.sensor_max_new_slides), build_automation_sensor()],
+        sensors=[build_inbox_sensor(process_slides, settings.sensor_max_new_slides, settings.inbox_settle_seconds),
+                 build_automation_sensor()],
         resources={
             "inbox": Inbox(path=settings.resolve(settings.inbox), extensions=list(settings.extensions),
                            cache_dir=settings.resolve(settings.slide_cache_dir),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import posixpath
 import re
 import shutil
 from dataclasses import asdict, dataclass
@@ -20,6 +21,8 @@ from .keys import slide_key
 # "unsupported format" failure for them instead of a file silently ignored.
 KNOWN_UNSUPPORTED = (".vsi", ".qptiff", ".isyntax", ".kfb", ".tmap", ".mds")
 SLIDE_LIST = "slides.csv"  # optional: columns wsi (file name or relative path) and mpp
+# Names that copy tools give files while they are still being written; ignored until renamed.
+TEMP_NAME = re.compile(r"^\.|^~\$|\.(part|partial|tmp|crdownload|download|filepart)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class SlideFile:
     size: int
     mtime: float
     mpp: float | None = None
+    complete: bool = True  # False while a part of the slide is missing or still has a temporary name
 
     @property
     def name(self) -> str:
@@ -50,7 +54,7 @@ def redact(url: str) -> str:
 
 
 def _is_slide_name(name: str) -> bool:
-    return name.lower().endswith(SUPPORTED_EXTENSIONS + KNOWN_UNSUPPORTED) and not name.startswith(".")
+    return name.lower().endswith(SUPPORTED_EXTENSIONS + KNOWN_UNSUPPORTED) and not TEMP_NAME.search(name)
 
 
 def scan_inbox(root: str, extensions: tuple[str, ...] = ()) -> dict[str, SlideFile]:
@@ -65,34 +69,71 @@ def scan_inbox(root: str, extensions: tuple[str, ...] = ()) -> dict[str, SlideFi
     mpps = _slide_list_mpps(fs, base)
     found: dict[str, SlideFile] = {}
 
-    def add(path: str, size: int, mtime: float):
+    def add(path: str, size: int, mtime: float, complete: bool = True):
         rel = os.path.relpath(path, base) if local else path[len(base):].lstrip("/")
         if wanted and not rel.lower().endswith(wanted):
             return
         key = slide_key(rel)
         url = path if local else f"{protocol}://{path}"
         mpp = mpps.get(rel, mpps.get(os.path.basename(rel)))
-        found[key] = SlideFile(key, url, rel, int(size), float(mtime), mpp)
+        found[key] = SlideFile(key, url, rel, int(size), float(mtime), mpp, complete)
+
+    def full(dirpath: str, name: str, info: dict) -> str:
+        return os.path.join(dirpath, name) if local else info["name"]
 
     for dirpath, dirnames, filenames in fs.walk(base, detail=True):
-        dcm = [n for n in filenames if n.lower().endswith(".dcm")]
-        if dirpath != base and dcm and len(dcm) == len([n for n in filenames if not n.startswith(".")]):
-            infos = [filenames[n] for n in dcm]  # a DICOM series folder is one slide
-            add(dirpath, sum(i.get("size", 0) for i in infos), max(_mtime(i) for i in infos))
+        real = [n for n in filenames if not TEMP_NAME.search(n)]
+        dcm = [n for n in real if n.lower().endswith(".dcm")]
+        if dirpath != base and dcm and len(dcm) == len(real):
+            infos = [filenames[n] for n in filenames]  # a DICOM series folder is one slide
+            add(dirpath, sum(i.get("size", 0) for i in infos), max(_mtime(i) for i in infos),
+                complete=len(real) == len(filenames))
             dirnames.clear()
             continue
-        mrxs = {n.rsplit(".", 1)[0] for n in filenames if n.lower().endswith(".mrxs")}
+        mrxs = {n.rsplit(".", 1)[0]: n for n in real if n.lower().endswith(".mrxs")}
         for d in list(dirnames):
             if d.lower().endswith(".zarr"):
-                info = dirnames[d]
-                add(info["name"] if not local else os.path.join(dirpath, d), 0, _tree_mtime(fs, info["name"]))
+                add(full(dirpath, d, dirnames[d]), *_tree(fs, dirnames[d]["name"]))
                 del dirnames[d]
             elif d in mrxs:
                 del dirnames[d]
-        for n, info in filenames.items():
-            if _is_slide_name(n):
-                add(info["name"] if not local else os.path.join(dirpath, n), info.get("size", 0), _mtime(info))
+        for n in real:
+            if not _is_slide_name(n):
+                continue
+            info = filenames[n]
+            if n in mrxs.values():  # the slide is the .mrxs file and its data folder: wait for both
+                data = posixpath.join(dirpath, n.rsplit(".", 1)[0])
+                size, mtime, complete = _tree(fs, data) if fs.isdir(data) else (0, 0.0, False)
+                add(full(dirpath, n, info), info.get("size", 0) + size, max(_mtime(info), mtime), complete)
+            else:
+                add(full(dirpath, n, info), info.get("size", 0), _mtime(info))
     return found
+
+
+def settle(found: dict[str, SlideFile], waiting: dict[str, list], now: float, settle_seconds: float,
+           give_up_seconds: float) -> tuple[list[str], list[str]]:
+    """Which of ``found`` (the slides not processed in their current state) have finished arriving.
+
+    A slide is ready once it is complete and its size and modification time (of every file in the set)
+    have not changed for ``settle_seconds``, observed here rather than read off the file clock, so a share
+    whose clock differs cannot fool it. ``waiting`` (key -> [fingerprint, unchanged since, first seen,
+    reported]) is updated in place and only holds slides still arriving. Returns (ready keys, keys that
+    have been arriving for over ``give_up_seconds`` and are reported now, once)."""
+    ready, stuck = [], []
+    for key in list(waiting):
+        if key not in found:  # deleted or renamed while arriving (a .part renamed to .svs, say)
+            del waiting[key]
+    for key, sf in sorted(found.items()):
+        state = waiting.setdefault(key, [sf.fingerprint, now, now, False])
+        if state[0] != sf.fingerprint:
+            state[0], state[1] = sf.fingerprint, now
+        if sf.complete and now - state[1] >= settle_seconds:
+            ready.append(key)
+            del waiting[key]
+        elif now - state[2] > give_up_seconds and not state[3]:
+            state[3] = True
+            stuck.append(key)
+    return ready, stuck
 
 
 def _mtime(info: dict) -> float:
@@ -103,8 +144,11 @@ def _mtime(info: dict) -> float:
     return 0.0
 
 
-def _tree_mtime(fs, path: str) -> float:
-    return max([_mtime(i) for i in fs.find(path, detail=True).values()] or [0.0])
+def _tree(fs, path: str) -> tuple[int, float, bool]:
+    """Total size, newest modification time, and whether no file in the folder has a temporary name."""
+    infos = fs.find(path, detail=True)
+    return (sum(i.get("size", 0) for i in infos.values()), max([_mtime(i) for i in infos.values()] or [0.0]),
+            not any(TEMP_NAME.search(posixpath.basename(p)) for p in infos))
 
 
 def _slide_list_mpps(fs, base: str) -> dict[str, float]:

@@ -78,10 +78,14 @@ def output_relpath(asset_path: list[str], slide: str | None, coords_dir: str | N
     raise ValueError(f"no file layout for asset {'/'.join(asset_path)}")
 
 
+def _write_json(path: str, value: dict) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+
+
 def _write_local(path: str, value) -> None:
     if isinstance(value, SlideFile):
-        with atomic_path(path) as tmp, open(tmp, "w") as f:
-            json.dump(value.to_dict(), f, indent=2)
+        _write_json(path, value.to_dict())
     elif isinstance(value, Tissue):
         save_geojson(value.gdf, path, value.provenance)
     elif isinstance(value, Coords):
@@ -164,6 +168,27 @@ class TridentIOManager(ConfigurableIOManager):
                     out[slide] = self._read(path, asset_path[0])
                 except (ValueError, OSError, KeyError, json.JSONDecodeError):
                     continue
+        return out
+
+    # Slides that have been arriving for too long (the inbox sensor reports them once): one small JSON each,
+    # so cohort_qc and `trident-dagster status` list them although they are not partitions yet.
+    def mark_arriving(self, slide: str, message: str) -> None:
+        path = posixpath.join(self._fs()[1], "arriving", f"{validate_key(slide)}.json")
+        self._write(path, lambda p: _write_json(p, {"slide": slide, "error": message}))
+
+    def clear_arriving(self, slide: str) -> None:
+        fs, root = self._fs()
+        path = posixpath.join(root, "arriving", f"{validate_key(slide)}.json")
+        if fs.exists(path):
+            fs.rm(path)
+
+    def arriving(self) -> dict[str, str]:
+        fs, root = self._fs()
+        out = {}
+        for path in fs.glob(posixpath.join(root, "arriving", "*.json")):
+            with fs.open(path) as f:
+                record = json.load(f)
+            out[record["slide"]] = record["error"]
         return out
 
     def save_pictures(self, wsi, gdf, slide: str) -> dict:

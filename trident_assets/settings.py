@@ -77,6 +77,7 @@ class Settings:
     max_upsampling: float = 2.0  # patching above this times the scan's magnification is refused
     device: str = "auto"  # "auto" picks a free GPU when there is one, else the CPU
     sensor_max_new_slides: int = 50
+    inbox_settle_seconds: float = 30.0  # a slide is processed once its files stopped changing for this long
     backfill_slides_per_run: int = 16
     slide_cache_dir: str = "data/slide-cache"  # local copies of remote (fsspec) slides for OpenSlide
     slide_cache_max_gb: float = 50.0  # least recently used copies are evicted past this

@@ -28,13 +28,14 @@ def mask_to_gdf(mask: np.ndarray, scale: float, holes_are_tissue: bool = False,
     ``scale`` is level-0 pixels per mask pixel. The mask is first resized to 2000 px high, where
     regions under ``min_tissue_area`` px and holes under ``min_hole_area`` px are dropped.
     """
-    mask = (np.asarray(mask) > 0).astype(np.uint8)
+    mask = (np.asarray(mask) > 0).astype(np.uint8) * 255
     h, w = mask.shape
     if h == 0 or w == 0 or not mask.any():
         return empty_gdf()
     factor = CONTOUR_MASK_HEIGHT / h
-    resized = cv2.resize(mask, (max(1, round(w * factor)), CONTOUR_MASK_HEIGHT), interpolation=cv2.INTER_NEAREST)
-    to_level0 = scale / factor
+    # Bilinear on 0/255, and every non-zero pixel counts: regions grow by half a mask pixel, as TRIDENT's do.
+    resized = cv2.resize(mask, (max(1, round(w * factor)), CONTOUR_MASK_HEIGHT), interpolation=cv2.INTER_LINEAR)
+    to_level0 = scale / factor  # TRIDENT's vertices are floor(vertex * (scale / factor)), in this order
     mode = cv2.RETR_EXTERNAL if holes_are_tissue else cv2.RETR_CCOMP
     contours, hierarchy = cv2.findContours(resized, mode, cv2.CHAIN_APPROX_NONE)
     if hierarchy is None:
@@ -51,8 +52,8 @@ def mask_to_gdf(mask: np.ndarray, scale: float, holes_are_tissue: bool = False,
                 holes.append(contours[child])
             child = hierarchy[child][0]
         holes = sorted(holes, key=cv2.contourArea, reverse=True)[:max_holes]
-        shell = contours[i][:, 0, :] * to_level0
-        poly = Polygon(shell, [hole[:, 0, :] * to_level0 for hole in holes])
+        shell = np.floor(contours[i][:, 0, :] * to_level0)
+        poly = Polygon(shell, [np.floor(hole[:, 0, :] * to_level0) for hole in holes])
         poly = poly if poly.is_valid else make_valid(poly)
         polygons.extend(_polygons_of(poly))
     return gdf_from_polygons(polygons)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import time
 
+import cv2
 import geopandas as gpd
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from .contours import gdf_from_polygons, mask_to_gdf, save_geojson, tissue_union
 from .data import WSIPatcherDataset, make_loader
@@ -16,6 +18,19 @@ from .io import save_image
 from .patching import WSIPatcher, draw_coords, grid_coords
 
 THUMBNAIL_SIZE = 1024
+
+
+class SegmentationPatcher(WSIPatcher):
+    """The tiles segmentation models see: shrunk from the read size with plain bilinear interpolation
+    (cv2 INTER_LINEAR: a few source pixels per output pixel, no antialiasing), not the PIL bicubic of
+    feature patches. TRIDENT's Otsu masks match tiles made this way pixel for pixel, and not the others."""
+
+    def get_tile_xy(self, x: int, y: int):
+        tile = self.wsi.read_region((x, y), self.level, (self.read_size, self.read_size), read_as="numpy")
+        if self.read_size != self.patch_size_target:
+            size = (self.patch_size_target, self.patch_size_target)
+            tile = cv2.resize(np.ascontiguousarray(tile), size, interpolation=cv2.INTER_LINEAR)
+        return (Image.fromarray(tile) if self.pil else tile), x, y
 
 
 def segmentation_mag(wsi, model, target_mag: float | None = None) -> float:
@@ -39,7 +54,9 @@ def predict_mask(wsi, model, target_mag: float | None = None, batch_size: int = 
     if getattr(model, "whole_slide", False):
         return _whole_slide_mask(wsi, model, mag)
     size = model.input_size
-    patcher = WSIPatcher(wsi, size, dst_mag=mag, pil=True)
+    # TRIDENT sizes segmentation tiles from the measured pixel size (mpp -> 10 / mag), not the magnification
+    # bucket: CMU-1-Small-Region (0.499 um/px) gets 8208-px tiles at 1.25x, not 8192.
+    patcher = SegmentationPatcher(wsi, size, src_pixel_size=wsi.mpp, dst_pixel_size=10.0 / mag, pil=True)
     patcher.valid_coords = grid_coords(patcher.cols, patcher.rows, patcher.step)  # every tile, even partial
     loader = make_loader(WSIPatcherDataset(patcher, model.eval_transforms), batch_size, num_workers, device)
     if collate_fn is not None:
@@ -60,8 +77,9 @@ def predict_mask(wsi, model, target_mag: float | None = None, batch_size: int = 
             for p, x, y in zip(pred, np.asarray(xs).tolist(), np.asarray(ys).tolist()):
                 r, c = y // patcher.step, x // patcher.step
                 full[r * size:(r + 1) * size, c * size:(c + 1) * size] = p
-    scale = patcher.patch_size_src / size
-    h, w = int(np.ceil(wsi.height / scale)), int(np.ceil(wsi.width / scale))
+    # The mask covers the slide only (whole mask pixels), at exactly dst / src level-0 px per mask pixel.
+    scale = patcher.downsample
+    h, w = max(1, int(wsi.height / scale)), max(1, int(wsi.width / scale))
     return full[:h, :w], scale
 
 

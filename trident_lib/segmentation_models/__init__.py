@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 import torch
 from PIL import Image
+from skimage.color import rgb2gray
 from skimage.filters import threshold_otsu
 from torchvision import transforms as T
 
@@ -27,11 +30,11 @@ class SegmentationModel(torch.nn.Module):
     hub_repo: str | None = None
     weights_file: tuple[str, ...] = ()
 
-    def __init__(self, freeze: bool = True, confidence_thresh: float = 0.5, weights_path: str | None = None,
-                 **build_kwargs):
+    def __init__(self, freeze: bool = True, confidence_thresh: float = 0.5,
+                 weights_path: str | os.PathLike | None = None, **build_kwargs):
         super().__init__()
         self.confidence_thresh = confidence_thresh
-        self.weights_path = weights_path
+        self.weights_path = os.fspath(weights_path) if weights_path is not None else None
         self.weights_sha256: str | None = None
         self.model, self.eval_transforms = self._build(**build_kwargs)
         if freeze and self.model is not None:
@@ -42,9 +45,10 @@ class SegmentationModel(torch.nn.Module):
     def _build(self, **kwargs):
         raise NotImplementedError
 
-    def _load_weights(self, model: torch.nn.Module, name: str) -> None:
+    def _load_weights(self, model: torch.nn.Module, name: str, adapt=None) -> None:
         path = find_weights(name, self.weights_path, self.hub_repo, self.weights_file)
-        load_into(model, load_state_dict(path, name), name, path)
+        sd = load_state_dict(path, name)
+        load_into(model, adapt(sd) if adapt else sd, name, path)
         self.weights_path, self.weights_sha256 = path, file_checksum(path)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -69,10 +73,12 @@ def mask_rgb(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _otsu_mask(rgb: np.ndarray) -> np.ndarray:
-    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    # Float luminance (skimage weights 0.2125/0.7154/0.0721), not cv2's rounded uint8 gray: TRIDENT's
+    # masks match this one pixel for pixel, and the two disagree on light tissue borders.
+    gray = rgb2gray(rgb)
     if gray.min() == gray.max():  # a uniform tile has no tissue to separate
         return np.zeros(gray.shape, bool)
-    return gray <= threshold_otsu(gray)  # skimage: values above the threshold are the bright class
+    return gray < threshold_otsu(gray)  # tissue is the strictly darker class
 
 
 def apply_otsu_thresholding(tile: np.ndarray) -> np.ndarray:
@@ -121,22 +127,31 @@ class OtsuSegmenter(SegmentationModel):
 
 # -- models with weights -------------------------------------------------------------------
 
-def _imagenet_transforms():
-    return T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def _imagenet_transforms(*first):
+    return T.Compose([*first, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _hest_keys(sd: dict) -> dict:
+    # deeplabv3_seg_v4.ckpt is a Lightning checkpoint: its module held the net as "model." and trained an
+    # auxiliary classifier, which inference does not use (TRIDENT removes "model." wherever it occurs).
+    return {k.replace("model.", ""): v for k, v in sd.items() if "aux" not in k}
 
 
 class HESTSegmenter(SegmentationModel):
-    """HEST tissue segmenter: torchvision DeepLabV3-ResNet50, 2 classes, 10x, ImageNet normalisation."""
+    """HEST tissue segmenter: torchvision DeepLabV3-ResNet50, 2 classes, 10x, ImageNet normalisation;
+    tissue where P(class 1) > ``confidence_thresh``. TRIDENT runs it in fp16."""
 
     target_mag = 10
+    precision = torch.float16
     hub_repo = "MahmoodLab/hest-tissue-seg"
     weights_file = ("deeplabv3_seg_v4.ckpt", "model.safetensors", "pytorch_model.bin")
 
     def _build(self, **kwargs):
         from torchvision.models.segmentation import deeplabv3_resnet50
 
+        # No ImageNet backbone download (torchvision's default): the checkpoint holds every weight.
         model = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=2, aux_loss=False)
-        self._load_weights(model, "hest")
+        self._load_weights(model, "hest", _hest_keys)
         return model, _imagenet_transforms()
 
     def forward(self, image):
@@ -152,10 +167,24 @@ def _smp():
     return smp
 
 
+class JpegReencode:
+    """GrandQC's tissue model saw JPEG tiles: each tile is JPEG-encoded (quality 80) and decoded with OpenCV
+    before normalisation, as TRIDENT does (the RGB array goes in and comes out in the same channel order)."""
+
+    def __init__(self, quality: int = 80):
+        self.quality = quality
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        ok, buf = cv2.imencode(".jpg", np.asarray(img.convert("RGB")), [cv2.IMWRITE_JPEG_QUALITY, self.quality])
+        return Image.fromarray(cv2.imdecode(buf, cv2.IMREAD_COLOR))
+
+
 class GrandQCSegmenter(SegmentationModel):
-    """GrandQC tissue detection: Unet++ with a timm-efficientnet-b0 encoder, 2 classes, at 1x."""
+    """GrandQC tissue detection: Unet++ with a timm-efficientnet-b0 encoder, 2 classes, at 1x, fp16 in
+    TRIDENT. Tissue where class 0 wins and its probability is at least ``confidence_thresh``."""
 
     target_mag = 1
+    precision = torch.float16
     hub_repo = "MahmoodLab/hest-tissue-seg"
     weights_file = ("Tissue_Detection_MPP10.pth", "model.safetensors")
     tissue_class = 0  # GrandQC's tissue model predicts class 0 for tissue, 1 for background
@@ -164,11 +193,12 @@ class GrandQCSegmenter(SegmentationModel):
         model = _smp().UnetPlusPlus(encoder_name="timm-efficientnet-b0", encoder_weights=None, classes=2,
                                     activation=None)
         self._load_weights(model, "grandqc")
-        return model, _imagenet_transforms()
+        return model, _imagenet_transforms(JpegReencode(80))
 
     def forward(self, image):
         probs = torch.softmax(self.model(image), dim=1)
-        return (probs[:, self.tissue_class] > self.confidence_thresh).to(torch.uint8)
+        top, cls = probs.max(dim=1)
+        return ((top >= self.confidence_thresh) & (cls == self.tissue_class)).to(torch.uint8)
 
 
 class GrandQCArtifactSegmenter(SegmentationModel):
@@ -179,6 +209,7 @@ class GrandQCArtifactSegmenter(SegmentationModel):
     """
 
     target_mag = 10
+    precision = torch.float32
     hub_repo = "MahmoodLab/hest-tissue-seg"
     weights_file = ("GrandQC_MPP1_state_dict.pth", "model.safetensors")
     ARTIFACT_CLASSES = (2, 3, 4, 5, 6)

@@ -1,0 +1,112 @@
+"""The inbox waits for a slide to finish arriving: settle time, temporary names, folder-based slides."""
+
+import os
+import time
+
+import dagster as dg
+
+from trident_assets.assets import qc_table
+from trident_assets.definitions import build_definitions
+from trident_assets.inbox import scan_inbox, settle
+from trident_assets.sensors import build_inbox_sensor
+from trident_assets.settings import Settings
+
+
+def _grow(path, data: bytes):
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+def test_settle_waits_until_nothing_changed_for_the_settle_time(tmp_path):
+    slide = tmp_path / "a.svs"
+    slide.write_bytes(b"x" * 10)
+    waiting = {}
+    ready, _ = settle(scan_inbox(str(tmp_path)), waiting, now=100, settle_seconds=30, give_up_seconds=600)
+    assert ready == [] and "a.svs" in waiting  # first sight: it may still be growing
+    _grow(slide, b"y" * 10)
+    os.utime(slide, (200, 200))
+    ready, _ = settle(scan_inbox(str(tmp_path)), waiting, now=125, settle_seconds=30, give_up_seconds=600)
+    assert ready == []  # it changed: the clock starts again
+    ready, _ = settle(scan_inbox(str(tmp_path)), waiting, now=150, settle_seconds=30, give_up_seconds=600)
+    assert ready == []
+    ready, _ = settle(scan_inbox(str(tmp_path)), waiting, now=156, settle_seconds=30, give_up_seconds=600)
+    assert ready == ["a.svs"] and waiting == {}
+
+
+def test_temporary_names_and_folder_slides(tmp_path):
+    (tmp_path / "a.svs.part").write_bytes(b"x")
+    (tmp_path / ".b.svs.tmp").write_bytes(b"x")
+    (tmp_path / "c.svs.crdownload").write_bytes(b"x")
+    (tmp_path / ".~d.svs").write_bytes(b"x")
+    assert scan_inbox(str(tmp_path)) == {}
+    os.rename(tmp_path / "a.svs.part", tmp_path / "a.svs")
+    assert list(scan_inbox(str(tmp_path))) == ["a.svs"]
+
+    (tmp_path / "m.mrxs").write_bytes(b"index")
+    found = scan_inbox(str(tmp_path))
+    assert not found["m.mrxs"].complete  # its data folder has not arrived
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "Data0000.dat").write_bytes(b"d" * 100)
+    (tmp_path / "m" / "Data0001.dat.part").write_bytes(b"d")
+    found = scan_inbox(str(tmp_path))
+    assert not found["m.mrxs"].complete and "m__Data0000.dat" not in found
+    os.rename(tmp_path / "m" / "Data0001.dat.part", tmp_path / "m" / "Data0001.dat")
+    again = scan_inbox(str(tmp_path))
+    assert again["m.mrxs"].complete and again["m.mrxs"].size == 5 + 101
+    _grow(tmp_path / "m" / "Data0000.dat", b"more")  # a file of the set grows: the slide's fingerprint changes
+    assert scan_inbox(str(tmp_path))["m.mrxs"].fingerprint != again["m.mrxs"].fingerprint
+
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "1.dcm").write_bytes(b"d")
+    (series / "2.dcm.part").write_bytes(b"d")
+    found = scan_inbox(str(tmp_path))
+    assert "series" in found and not found["series"].complete and "series__1.dcm" not in found
+
+
+def test_sensor_waits_reports_a_slide_that_never_settles_once(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    settings = Settings(inbox=str(inbox), storage=str(tmp_path / "out"))
+    defs = build_definitions(settings)
+    sensor = build_inbox_sensor(defs.resolve_job_def("process_slides"), 50, settle_seconds=0.6, give_up_seconds=1.5)
+    (inbox / "m.mrxs").write_bytes(b"index")  # the data folder arrives last
+    (inbox / "s.svs").write_bytes(b"x" * 10)
+    with dg.instance_for_test() as instance:
+        cursor, runs, reported = None, [], []
+
+        def tick():
+            nonlocal cursor
+            result = sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources,
+                                                    definitions=defs))
+            cursor = result.cursor
+            runs.extend(r.partition_key for r in result.run_requests)
+            return result
+
+        tick()
+        assert runs == []  # nothing runs on first sight
+        for _ in range(3):
+            time.sleep(0.7)
+            _grow(inbox / "s.svs", b"y")  # still being copied
+            tick()
+        assert runs == []
+        time.sleep(0.7)
+        tick()
+        time.sleep(0.7)
+        tick()
+        assert runs == ["s.svs"]  # settled: one run
+        table = qc_table(settings, defs.resources["trident_io"], [], instance)
+        row = table.set_index("slide").loc["m.mrxs"]
+        assert row["status"] == "arriving" and "m.mrxs" in row["error"]  # reported, not processed
+        reported = list(defs.resources["trident_io"].arriving())
+        tick()
+        assert reported == ["m.mrxs"] and runs == ["s.svs"]
+
+        (inbox / "m").mkdir()
+        (inbox / "m" / "Data0000.dat").write_bytes(b"d")
+        tick()
+        time.sleep(0.7)
+        tick()
+        assert runs == ["s.svs", "m.mrxs"]  # once its data folder arrived and settled
+        assert defs.resources["trident_io"].arriving() == {}
+        assert len(cursor) < 2000
