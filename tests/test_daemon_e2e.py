@@ -1,4 +1,5 @@
-"""End to end: a real daemon and webserver; a slide dropped into the inbox becomes a slide embedding."""
+"""End to end: a real daemon and webserver; slides copied into the inbox slowly, or under a temporary name,
+become slide embeddings with one successful run each."""
 
 import os
 import shutil
@@ -9,6 +10,9 @@ import h5py
 
 from trident_assets.services import (free_port, graphql, instance_home, start_daemon, start_webserver, stop,
                                      workspace_file)
+
+
+RUNS = "{ runsOrError { ... on Runs { results { runId status tags { key value } } } } }"
 
 
 def test_inbox_to_embedding_with_daemon(tmp_path, slides):
@@ -25,17 +29,35 @@ def test_inbox_to_embedding_with_daemon(tmp_path, slides):
     daemon = start_daemon(workspace, env, log)
     web = start_webserver(workspace, env, log, port)
     try:
-        shutil.copy(slides["aperio_20x"], inbox / "new scan.svs")
+        # A slow copy: the file grows in pieces over more than two sensor ticks (15 s each).
+        data = open(slides["aperio_20x"], "rb").read()
+        pieces = 10
+        with open(inbox / "new scan.svs", "wb") as f:
+            for i in range(pieces):
+                f.write(data[i * len(data) // pieces:(i + 1) * len(data) // pieces])
+                f.flush()
+                time.sleep(4)
+        # A copy tool's temporary name, renamed once complete.
+        shutil.copy(slides["aperio_40x"], inbox / "other.svs.part")
+        time.sleep(16)
+        os.rename(inbox / "other.svs.part", inbox / "other.svs")
+
         target = out / "20x_256px_0px_overlap" / "slide_features_mean-efficientnet_lite0"
         deadline = time.time() + 420
-        while time.time() < deadline and not (target.exists() and any(target.glob("*.h5"))):
+        while time.time() < deadline and not (target.exists() and len(list(target.glob("*.h5"))) == 2):
             assert daemon.poll() is None, (tmp_path / "services.log").read_text()[-3000:]
             time.sleep(3)
-        files = list(target.glob("*.h5")) if target.exists() else []
-        assert files, "no slide embedding after 7 minutes:\n" + (tmp_path / "services.log").read_text()[-5000:]
-        assert files[0].name.startswith("new_scan-") and files[0].name.endswith(".svs.h5")
+        files = sorted(target.glob("*.h5")) if target.exists() else []
+        assert len(files) == 2, "no slide embeddings after 7 minutes:\n" + \
+            (tmp_path / "services.log").read_text()[-5000:]
+        assert files[0].name.startswith("new_scan-") and files[1].name == "other.svs.h5"
         with h5py.File(files[0]) as f:
             assert f["features"].shape == (1280,)
+        runs = graphql(port, RUNS)["data"]["runsOrError"]["results"]
+        tags = [{t["key"]: t["value"] for t in r["tags"]} for r in runs]
+        assert all(r["status"] in ("SUCCESS", "STARTED", "QUEUED", "STARTING") for r in runs), runs
+        by_sensor = sorted(t.get("dagster/partition") for t in tags if t.get("dagster/sensor_name") == "inbox_sensor")
+        assert by_sensor == sorted(["other.svs", files[0].name.removesuffix(".h5")])  # one run each, no retry
 
         nodes = graphql(port, "{ assetNodes { assetKey { path } } }")["data"]["assetNodes"]
         paths = {"/".join(n["assetKey"]["path"]) for n in nodes}

@@ -57,7 +57,7 @@ def test_cli_batch_layout_errors_and_resume(tmp_path, wsi_dir):
         assert f"20x_256px_0px_overlap/features_efficientnet_lite0/{name}.h5" in files
         assert f"20x_256px_0px_overlap/visualization/{name}.jpg" in files
     with h5py.File(job / "20x_256px_0px_overlap/patches/CMU-1-Small-Region_patches.h5") as f:
-        assert f["coords"].shape == (60, 2)
+        assert f["coords"].shape == (58, 2)
     with h5py.File(job / "20x_256px_0px_overlap/patches/nested__scan_patches.h5") as f:
         assert f["coords"].attrs["level0_magnification"] == 40  # not confused with the 20x scan.svs
     run = json.loads(next((job / "runs").glob("*.json")).read_text())
@@ -166,3 +166,137 @@ def test_locks(tmp_path):
 def test_deprecations(tmp_path):
     with pytest.warns(DeprecationWarning, match="wsi_cache"):
         Processor(str(tmp_path / "job"), str(tmp_path), wsi_cache="/tmp/cache")
+
+
+# -- resume by settings: an output is reused only when what produced it is unchanged ------------------------
+
+def _stage(proc, name):
+    return [s for s in proc._record["stages"] if s["stage"] == name][-1]
+
+
+def _n_coords(path):
+    with h5py.File(path) as f:
+        return f["coords"].shape[0]
+
+
+def _state(job):
+    (path,) = (job / "wsi_states").glob("*.json")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture()
+def one_slide(tmp_path, slides):
+    wsis = tmp_path / "wsis"
+    wsis.mkdir()
+    shutil.copy(slides["aperio_20x"], wsis / "s.svs")
+    return wsis
+
+
+def test_patching_redone_when_its_settings_change(tmp_path, one_slide):
+    job = tmp_path / "job"
+    coords = job / "20x_256px_0px_overlap" / "patches" / "s_patches.h5"
+    proc = Processor(str(job), str(one_slide))
+    proc.run_segmentation_job(segmentation_model_factory("otsu"), device="cpu")
+    proc.run_patching_job(20, 256, visualize=False)
+    n_all = _n_coords(coords)
+
+    proc = Processor(str(job), str(one_slide))  # a rerun with another threshold
+    proc.run_patching_job(20, 256, visualize=False, min_tissue_proportion=0.9)
+    assert _stage(proc, "patching")["redone"] == {"s": "settings changed"}
+    assert 0 < _n_coords(coords) < n_all
+    proc.run_patching_job(20.0, 256, visualize=False, min_tissue_proportion=0.9)  # same settings (20.0 == 20)
+    assert _stage(proc, "patching")["skipped"] == 1
+
+    # Outputs without recorded settings (older job folders) are redone, not trusted.
+    state_path = next((job / "wsi_states").glob("*.json"))
+    state = json.loads(state_path.read_text())
+    del state["settings"]
+    state_path.write_text(json.dumps(state))
+    proc.run_patching_job(20, 256, visualize=False, min_tissue_proportion=0.9)
+    assert _stage(proc, "patching")["redone"] == {"s": "no settings recorded"}
+
+
+def test_segmenter_change_redoes_contours_and_patching(tmp_path, slides):
+    wsis = tmp_path / "wsis"
+    wsis.mkdir()
+    shutil.copy(slides["with_holes"], wsis / "h.svs")
+    job = tmp_path / "job"
+    coords = job / "20x_256px_0px_overlap" / "patches" / "h_patches.h5"
+
+    def run(**seg):
+        proc = Processor(str(job), str(wsis))
+        proc.run_segmentation_job(segmentation_model_factory("otsu", confidence_thresh=seg.pop("thresh", 0.5)),
+                                  device="cpu", **seg)
+        proc.run_patching_job(20, 256, visualize=False)
+        return proc
+
+    run(holes_are_tissue=False)
+    with_hole = _n_coords(coords)
+    proc = run(holes_are_tissue=True)
+    for stage in ("segmentation", "patching"):
+        assert _stage(proc, stage)["redone"] == {"h": "settings changed"}, stage
+    assert _n_coords(coords) > with_hole  # the hole is tissue now
+    proc = run(holes_are_tissue=True)
+    assert _stage(proc, "segmentation")["skipped"] == _stage(proc, "patching")["skipped"] == 1
+    proc = run(holes_are_tissue=True, thresh=0.4)  # a segmenter setting
+    assert _stage(proc, "segmentation")["done"] == _stage(proc, "patching")["done"] == 1
+
+
+@pytest.fixture()
+def random_ckpts(tmp_path):
+    """Two different random checkpoints for efficientnet_lite0 (small), and their sha256."""
+    import hashlib
+
+    import torch
+    from trident_lib.patch_encoder_models.timm_family import build_efficientnet_lite0
+
+    out = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        path = tmp_path / f"lite0_{seed}.pth"
+        torch.save(build_efficientnet_lite0().state_dict(), path)
+        out.append((str(path), hashlib.sha256(path.read_bytes()).hexdigest()))
+    return out
+
+
+def test_features_redone_when_weights_change(tmp_path, one_slide, random_ckpts):
+    job = tmp_path / "job"
+    feats = job / "20x_256px_0px_overlap" / "features_efficientnet_lite0" / "s.h5"
+    (a, _), (b, _) = random_ckpts
+    proc = Processor(str(job), str(one_slide))
+    proc.run_segmentation_job(segmentation_model_factory("otsu"), device="cpu")
+    proc.run_patching_job(20, 256, visualize=False)
+
+    def extract(ckpt):
+        proc.run_patch_feature_extraction_job("20x_256px_0px_overlap",
+                                              encoder_factory("efficientnet_lite0", weights_path=ckpt), "cpu",
+                                              batch_limit=16)
+        with h5py.File(feats) as f:
+            return _stage(proc, "features_efficientnet_lite0"), f["features"][:]
+
+    first, fa = extract(a)
+    assert first["done"] == 1
+    again, _ = extract(a)  # same file, new encoder object
+    assert again["skipped"] == 1
+    other, fb = extract(b)
+    assert other["redone"] == {"s": "settings changed"} and not np.allclose(fa, fb)
+
+
+def test_slide_encoder_job_uses_the_patch_checkpoint(tmp_path, one_slide, random_ckpts):
+    from trident_lib.batch import main
+
+    job = tmp_path / "job"
+    (a, sha_a), (b, sha_b) = random_ckpts
+    key = "20x_256px_0px_overlap/features_efficientnet_lite0/s.h5"
+    args = ["batch", "--task", "all", "--wsi_dir", str(one_slide), "--job_dir", str(job), "--gpus", "cpu",
+            "--slide_encoder", "mean-efficientnet_lite0", "--feat_batch_size", "16"]
+    assert main(args + ["--patch_encoder_ckpt_path", a]) == 0
+    assert _state(job)["settings"][key]["settings"]["patch_encoder"]["weights"] == sha_a
+    slide = job / "20x_256px_0px_overlap" / "slide_features_mean-efficientnet_lite0" / "s.h5"
+    with h5py.File(slide) as f:
+        emb_a = f["features"][:]
+
+    assert main(args + ["--patch_encoder_ckpt_path", b]) == 0
+    assert _state(job)["settings"][key]["settings"]["patch_encoder"]["weights"] == sha_b
+    with h5py.File(slide) as f:
+        assert not np.allclose(f["features"][:], emb_a)  # the slide features follow their patch features

@@ -1,8 +1,15 @@
 """TRIDENT's batch API: a ``Processor`` over a folder of slides, writing a TRIDENT job folder.
 
 Each stage calls the same functions the Dagster assets call (one implementation per stage). On top:
-resume (complete outputs are skipped), ``.lock`` files with pid, host and time, run records
-(``runs/<run_id>.json``, ``wsi_states/<slide>__<hash>.json``, ``summary.md``), and skip_errors.
+resume, ``.lock`` files with pid, host and time, run records (``runs/<run_id>.json``,
+``wsi_states/<slide>__<hash>.json``, ``summary.md``), and skip_errors.
+
+Resume: an output is reused only when it is complete and the hash of the settings that produced it, recorded
+in the slide's state file, equals the hash of the current settings. Each stage's settings include the
+recorded hash of its input (contours -> coords -> patch features -> slide features), so a change upstream
+redoes everything downstream. Outputs without a recorded hash (written before hashes were recorded, or by
+another tool) are redone: what produced them is unknown, and a wrong reuse is silent while a redo only costs
+time.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import h5py
+import torch
 
 from .errors import SlideError
 from .extraction import extract_patch_features, extract_slide_features
@@ -108,6 +116,49 @@ def _complete(path: str, kind: str) -> bool:
         return True
     except (ValueError, OSError, json.JSONDecodeError):
         return False
+
+
+# -- settings hashes (what produced an output) ---------------------------------------------------------
+
+def settings_hash(settings: dict) -> str:
+    """Short sha256 of canonical JSON; 20 and 20.0 hash alike (the CLI passes floats, Python users ints)."""
+    def canon(v):
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if isinstance(v, dict):
+            return {str(k): canon(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [canon(x) for x in v]
+        return v
+
+    text = json.dumps(canon(settings), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _weights_id(model) -> str:
+    """The weights file's sha256; for a model built in memory (custom or random weights), a digest of its
+    parameters, so different weights never share a hash."""
+    sha = getattr(model, "weights_sha256", None)
+    if sha:
+        return sha
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items() if isinstance(model, torch.nn.Module) else ():
+        h.update(name.encode())
+        h.update(t.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return "params:" + h.hexdigest()
+
+
+def _model_id(model, device: str | None = None) -> dict | None:
+    if model is None:
+        return None
+    out = {"name": getattr(model, "enc_name", type(model).__name__), "weights": _weights_id(model)}
+    for attr in ("confidence_thresh", "whole_slide", "remove_penmarks_only", "target_mag", "input_size"):
+        if hasattr(model, attr):
+            out[attr] = getattr(model, attr)
+    if device is not None:  # encoders run in their own precision on CUDA only, in fp32 elsewhere
+        cuda = torch.device(device).type == "cuda"
+        out["compute_dtype"] = str(getattr(model, "precision", torch.float32) if cuda else torch.float32)
+    return out
 
 
 class Processor:
@@ -201,16 +252,23 @@ class Processor:
                 and k not in ("missing_from_list",)}
 
     # -- one stage over all slides -----------------------------------------------------------------
-    def _run_stage(self, stage: str, output_for, kind: str, work) -> dict:
+    def _run_stage(self, stage: str, output_for, kind: str, work, settings_for) -> dict:
+        """``settings_for(wsi)`` is the dict of everything that decides the output's content."""
         t0 = time.perf_counter()
         counts = {"done": 0, "skipped": 0, "failed": 0}
-        errors = {}
+        errors, redone = {}, {}
         for wsi in _progress(self.wsis, stage):
             out = output_for(wsi)
-            if _complete(out, kind):
-                counts["skipped"] += 1
-                continue
             state = self._state(wsi)
+            settings = settings_for(wsi)
+            digest = settings_hash(settings)
+            recorded = self._recorded_hash(state, out)
+            if _complete(out, kind):
+                if recorded == digest:
+                    counts["skipped"] += 1
+                    continue
+                redone[wsi.name] = "settings changed" if recorded else "no settings recorded"
+                print(f"redoing {stage} for {wsi.name}: {redone[wsi.name]} ({out})", flush=True)
             state["attempts"].append({"stage": stage, "run_id": self.run_id, "time": dt.datetime.now().isoformat()})
             try:
                 if isinstance(wsi, _UnreadableSlide):
@@ -218,6 +276,7 @@ class Processor:
                 with output_lock(out):
                     work(wsi, out)
                 state["outputs"][stage] = out
+                state.setdefault("settings", {})[self._key(out)] = {"hash": digest, "settings": settings}
                 counts["done"] += 1
             except FileExistsError:
                 errors[wsi.name] = f"{out} is locked by another live process; skipped"
@@ -228,26 +287,26 @@ class Processor:
                 counts["failed"] += 1
                 if not self.skip_errors:
                     self._save_state(wsi, state)
-                    self._finish_stage(stage, counts, errors, t0)
+                    self._finish_stage(stage, counts, errors, t0, redone)
                     raise
             finally:
                 wsi.release()
                 gc.collect()  # nothing per slide outlives the slide (flat memory over long cohorts)
             self._save_state(wsi, state)
-        self._finish_stage(stage, counts, errors, t0)
-        return counts
+        self._finish_stage(stage, counts, errors, t0, redone)
+        return {**counts, "redone": len(redone)}
 
-    def _finish_stage(self, stage, counts, errors, t0):
+    def _finish_stage(self, stage, counts, errors, t0, redone):
         self._record["stages"].append({"stage": stage, "seconds": round(time.perf_counter() - t0, 3), **counts,
-                                       "errors": errors})
+                                       "errors": errors, "redone": redone})
         failed = sum(s["failed"] for s in self._record["stages"])
         self._record.update(ended=dt.datetime.now().isoformat(), status="failed" if failed else "ok")
         write_json(os.path.join(self.job_dir, "runs", f"{self.run_id}.json"), self._record)
-        self._append_summary(stage, counts, errors)
+        self._append_summary(stage, counts, errors, redone)
 
-    def _append_summary(self, stage, counts, errors):
-        lines = [f"\n## {self.run_id} · {stage}\n", f"- done {counts['done']}, skipped {counts['skipped']}, "
-                 f"failed {counts['failed']}\n"]
+    def _append_summary(self, stage, counts, errors, redone):
+        lines = [f"\n## {self.run_id} · {stage}\n", f"- done {counts['done']} (redone {len(redone)}), "
+                 f"skipped {counts['skipped']}, failed {counts['failed']}\n"]
         lines += [f"- **{name}**: {err}\n" for name, err in errors.items()]
         with open(os.path.join(self.job_dir, "summary.md"), "a") as f:
             f.writelines(lines)
@@ -266,6 +325,16 @@ class Processor:
     def _save_state(self, wsi, state):
         write_json(self._state_path(wsi), state)
 
+    def _key(self, out: str) -> str:
+        return os.path.relpath(out, self.job_dir)  # relative: the job folder can be moved
+
+    def _recorded_hash(self, state: dict, out: str) -> str | None:
+        return state.get("settings", {}).get(self._key(out), {}).get("hash")
+
+    def _input_hash(self, wsi, path: str) -> str | None:
+        """The recorded settings hash of an upstream output; part of the downstream settings."""
+        return self._recorded_hash(self._state(wsi), path)
+
     # -- the seed's jobs ---------------------------------------------------------------------------------
     def run_segmentation_job(self, segmentation_model, seg_mag: int = 10, holes_are_tissue: bool = False,
                              batch_size: int = 16, artifact_remover_model=None, device: str = "cuda:0") -> str:
@@ -278,11 +347,17 @@ class Processor:
                            job_dir=self.job_dir, batch_size=batch_size, device=device, num_workers=self.max_workers,
                            artifact_remover_model=artifact_remover_model)
 
-        self._run_stage("segmentation", lambda w: self._contours_path(w), "geojson", work)
+        settings = {"segmenter": _model_id(segmentation_model), "seg_mag": seg_mag,
+                    "holes_are_tissue": holes_are_tissue, "artifact_remover": _model_id(artifact_remover_model)}
+        self._run_stage("segmentation", lambda w: self._contours_path(w), "geojson", work, lambda w: settings)
         return os.path.abspath(os.path.join(self.job_dir, "contours_geojson"))
 
     def _contours_path(self, wsi) -> str:
         return os.path.join(self.job_dir, "contours_geojson", f"{wsi.name}.geojson")
+
+    @staticmethod
+    def _coords_path(coords_dir: str, wsi) -> str:
+        return os.path.join(coords_dir, "patches", f"{wsi.name}_patches.h5")
 
     def run_patching_job(self, target_magnification: int, patch_size: int, overlap: int = 0, saveto: str | None = None,
                          visualize: bool = True, min_tissue_proportion: float = 0.0, dump_patches: bool = False,
@@ -306,7 +381,12 @@ class Processor:
                 wsi.dump_patches(path, os.path.join(saveto, "patch_images"), dump_patches_max, dump_patches_format,
                                  dump_patches_jpeg_quality)
 
-        self._run_stage("patching", lambda w: os.path.join(saveto, "patches", f"{w.name}_patches.h5"), "coords", work)
+        def settings_for(wsi):
+            return {"target_magnification": target_magnification, "patch_size": patch_size, "overlap": overlap,
+                    "min_tissue_proportion": min_tissue_proportion,
+                    "contours": self._input_hash(wsi, self._contours_path(wsi))}
+
+        self._run_stage("patching", lambda w: self._coords_path(saveto, w), "coords", work, settings_for)
         return os.path.abspath(saveto)
 
     def run_patch_feature_extraction_job(self, coords_dir: str, patch_encoder, device: str, saveas: str = "h5",
@@ -318,15 +398,20 @@ class Processor:
                           "weights_sha256": getattr(patch_encoder, "weights_sha256", None)})
 
         def work(wsi, out):
-            coords = os.path.join(coords_dir, "patches", f"{wsi.name}_patches.h5")
+            coords = self._coords_path(coords_dir, wsi)
             if not os.path.exists(coords):
                 raise FileNotFoundError(f"{wsi.name}: no coordinates at {coords}; run the patching job first.")
             extract_patch_features(wsi, patch_encoder, coords, saveto, device=device, saveas=saveas,
                                    batch_limit=batch_limit, num_workers=self.max_workers)
 
+        encoder_id = _model_id(patch_encoder, device)
+
+        def settings_for(wsi):
+            return {"patch_encoder": encoder_id, "coords": self._input_hash(wsi, self._coords_path(coords_dir, wsi))}
+
         kind = "features" if saveas == "h5" else "pt"
         self._run_stage(f"features_{patch_encoder.enc_name}", lambda w: os.path.join(saveto, f"{w.name}.{saveas}"),
-                        kind, work)
+                        kind, work, settings_for)
         return os.path.abspath(saveto)
 
     def run_feature_extraction_job(self, *args, **kwargs) -> str:
@@ -335,25 +420,36 @@ class Processor:
         return self.run_patch_feature_extraction_job(*args, **kwargs)
 
     def run_slide_feature_extraction_job(self, slide_encoder, coords_dir: str, device: str = "cuda",
-                                         batch_limit: int = 512, saveas: str = "h5", saveto: str | None = None) -> str:
+                                         batch_limit: int = 512, saveas: str = "h5", saveto: str | None = None,
+                                         patch_encoder_ckpt_path: str | None = None) -> str:
+        """Slide embeddings; the patch features they need are extracted first (with the patch encoder's
+        weights from ``patch_encoder_ckpt_path`` when given), or reused when current."""
         from .patch_encoder_models import encoder_factory as patch_encoder_factory
         from .slide_encoder_models import slide_to_patch_encoder_name
 
         patch_name = slide_to_patch_encoder_name[slide_encoder.enc_name]
-        features_dir = os.path.join(self.job_dir, coords_dir, f"features_{patch_name}")
-        if any(not _complete(os.path.join(features_dir, f"{w.name}.h5"), "features") for w in self.wsis):
-            self.run_patch_feature_extraction_job(coords_dir, patch_encoder_factory(patch_name), device,
-                                                  batch_limit=batch_limit)
+        # Always run: it skips the features whose settings are current and redoes the others.
+        features_dir = self.run_patch_feature_extraction_job(
+            coords_dir, patch_encoder_factory(patch_name, weights_path=patch_encoder_ckpt_path), device,
+            batch_limit=batch_limit)
         saveto = saveto or os.path.join(self.job_dir, coords_dir, f"slide_features_{slide_encoder.enc_name}")
         self.save_config(os.path.join(saveto, "_config_slide_features.json"),
-                         {"slide_encoder": slide_encoder.enc_name, "patch_encoder": patch_name, "device": device})
+                         {"slide_encoder": slide_encoder.enc_name, "patch_encoder": patch_name, "device": device,
+                          "patch_encoder_ckpt_path": patch_encoder_ckpt_path})
+
+        def features_path(wsi):
+            return os.path.join(features_dir, f"{wsi.name}.h5")
 
         def work(wsi, out):
-            extract_slide_features(os.path.join(features_dir, f"{wsi.name}.h5"), slide_encoder, saveto,
-                                   device=device, name=wsi.name)
+            extract_slide_features(features_path(wsi), slide_encoder, saveto, device=device, name=wsi.name)
+
+        encoder_id = _model_id(slide_encoder, device)
+
+        def settings_for(wsi):
+            return {"slide_encoder": encoder_id, "patch_features": self._input_hash(wsi, features_path(wsi))}
 
         self._run_stage(f"slide_features_{slide_encoder.enc_name}",
-                        lambda w: os.path.join(saveto, f"{w.name}.h5"), "features", work)
+                        lambda w: os.path.join(saveto, f"{w.name}.h5"), "features", work, settings_for)
         return os.path.abspath(saveto)
 
     def save_config(self, saveto: str, local_attrs: dict | None = None, ignore: list[str] = ["valid_slides"]) -> None:
