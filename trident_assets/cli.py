@@ -51,7 +51,7 @@ def cmd_up(args) -> int:
     if not args.no_sample:
         written = write_sample_cohort(settings.resolve(settings.inbox))
         print(f"sample cohort: {len(written)} new slide(s) in {settings.resolve(settings.inbox)}")
-    os.environ["DAGSTER_HOME"] = str(ensure_dagster_home())
+    _instance()  # creates the instance's storage before the daemon and the webserver start at once
     # The code location runs in processes that dagster starts: they find the lab's files through these.
     os.environ.update({CONFIG_ENV: str(config_path()), PROJECT_ENV: str(project_dir())})
     os.chdir(project_dir())

@@ -25,9 +25,14 @@ def free_port() -> int:
 
 
 def instance_home(folder: Path) -> Path:
-    """A fresh DAGSTER_HOME with the default dagster.yaml."""
+    """A fresh DAGSTER_HOME with the default dagster.yaml and its storage created, so a daemon and a webserver
+    started at once do not race to create the same SQLite tables."""
+    import dagster as dg
+
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(TEMPLATES / "dagster.yaml", folder / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(folder)) as instance:
+        instance.get_runs(limit=1)
     return folder
 
 

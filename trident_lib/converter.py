@@ -24,12 +24,13 @@ class AnyToTiffConverter:
     """
 
     def __init__(self, job_dir: str, bigtiff: bool = False):
-        self.job_dir = job_dir
+        self.job_dir = os.fspath(job_dir)
         self.bigtiff = bigtiff
-        os.makedirs(job_dir, exist_ok=True)
+        os.makedirs(self.job_dir, exist_ok=True)
 
     def process_file(self, input_file: str, mpp: float, zoom: float) -> str:
         """Write ``<job_dir>/<name>.tif`` from ``input_file`` (``mpp`` of the input, resized by ``zoom``)."""
+        input_file = os.fspath(input_file)
         if not mpp or mpp <= 0:
             raise ValueError(f"{input_file}: a positive mpp is required to convert it.")
         with Image.open(input_file) as img:
@@ -46,6 +47,7 @@ class AnyToTiffConverter:
 
     def process_all(self, input_dir: str, mpp_csv: str, downscale_by: int = 1, num_workers: int = 1) -> list[str]:
         """Convert every image listed in ``mpp_csv`` (columns ``wsi``, ``mpp``) found in ``input_dir``."""
+        input_dir, mpp_csv = os.fspath(input_dir), os.fspath(mpp_csv)
         table = pd.read_csv(mpp_csv)
         missing = {"wsi", "mpp"} - set(table.columns)
         if missing:

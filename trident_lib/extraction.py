@@ -85,6 +85,7 @@ def extract_patch_features(wsi, patch_encoder, coords_path: str, save_features: 
     """Features of every patch in ``coords_path``, saved to ``<save_features>/<slide>.h5`` (or ``.pt``)."""
     if saveas not in ("h5", "pt"):
         raise ValueError(f"saveas must be 'h5' or 'pt', got {saveas!r}")
+    coords_path, save_features = os.fspath(coords_path), os.fspath(save_features)
     t0 = time.perf_counter()
     coords, attrs = read_coords_h5(coords_path)
     features = patch_features(wsi, patch_encoder, coords, attrs, device, batch_limit, num_workers, fast_cpu)
@@ -121,6 +122,7 @@ def extract_slide_features(patch_features_path: str, slide_encoder, save_feature
                            name: str | None = None, provenance: dict | None = None) -> str:
     """One embedding per slide from its patch features, saved to ``<save_features>/<slide>.h5``.
     A slide without patches gets a NaN embedding and ``status = no_tissue`` in the file's attributes."""
+    patch_features_path, save_features = os.fspath(patch_features_path), os.fspath(save_features)
     if not os.path.exists(patch_features_path):
         raise FileNotFoundError(f"{patch_features_path}: patch features not found; extract them first.")
     features, coords, attrs = read_features_h5(patch_features_path)

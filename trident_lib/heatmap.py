@@ -72,7 +72,7 @@ def visualize_heatmap(wsi, scores: np.ndarray, coords: np.ndarray, patch_size_le
     else:
         out = rgb
         out[covered] = (0.5 * rgb[covered] + 0.5 * colours[covered]).astype(np.uint8)
-    output_dir = output_dir or "."
+    output_dir = os.fspath(output_dir) if output_dir else "."
     path = save_image(os.path.join(output_dir, filename), Image.fromarray(out))
     if num_top_patches_to_save > 0 and len(scores):
         top = np.argsort(-scores)[:num_top_patches_to_save]

@@ -237,6 +237,12 @@ class WSI(ABC):
         return extract_patch_features(self, patch_encoder, coords_path, save_features, device=device,
                                       saveas=saveas, batch_limit=batch_limit, verbose=verbose, **kwargs)
 
+    def extract_features(self, patch_encoder, coords_path: str, save_features: str, device: str = "cuda:0",
+                         saveas: str = "h5", batch_limit: int = 512, verbose: bool = False, **kwargs) -> str:
+        """The name the seed's own examples use for ``extract_patch_features`` (same arguments)."""
+        return self.extract_patch_features(patch_encoder, coords_path, save_features, device=device, saveas=saveas,
+                                           batch_limit=batch_limit, verbose=verbose, **kwargs)
+
     def extract_slide_features(self, patch_features_path: str, slide_encoder, save_features: str,
                                device: str = "cuda") -> str:
         from ..extraction import extract_slide_features
