@@ -61,11 +61,6 @@ CROP = (0, 512, 1536, 1280)  # x, y, width, height of the CMU-1-Small-Region cro
 SLIDE_DIMENSIONS = CROP[2:]  # background, small enough to keep the whole file fast
 N_PATCHES = 4  # patches in the prepared coords / features files
 
-MODULE_MAP = {  # the seed's module paths -> where trident_lib exposes the same names
-    "trident.segmentation_models.load": "trident_lib.segmentation_models",
-    "trident.patch_encoder_models.load": "trident_lib.patch_encoder_models",
-    "trident.slide_encoder_models.load": "trident_lib.slide_encoder_models",
-}
 FACTORIES = {"segmentation_model_factory", "encoder_factory", "patch_encoder_factory"}
 MODEL_REWRITES = {  # hub-only (gated) weights -> a model with weights on this machine: (name, extra kwargs)
     "grandqc": ("otsu", {}),
@@ -183,8 +178,6 @@ CASES = collect_cases()
 # -- rewriting -----------------------------------------------------------------------------------------------
 
 def _map_module(name: str) -> str:
-    if name in MODULE_MAP:
-        return MODULE_MAP[name]
     if name == "trident" or name.startswith("trident."):
         return "trident_lib" + name[len("trident"):]
     return name

@@ -175,6 +175,8 @@ class Processor:
         if wsi_ext is not None:
             assert isinstance(wsi_ext, list) and all(e.startswith(".") for e in wsi_ext), \
                 "wsi_ext must be a list of extensions starting with '.'"
+        job_dir, wsi_source = os.fspath(job_dir), os.fspath(wsi_source)
+        custom_list_of_wsis = os.fspath(custom_list_of_wsis) if custom_list_of_wsis is not None else None
         self.job_dir = job_dir
         self.wsi_source = wsi_source
         self.wsi_ext = [e.lower() for e in wsi_ext] if wsi_ext else list(SUPPORTED_EXTENSIONS)
@@ -188,7 +190,7 @@ class Processor:
         os.makedirs(job_dir, exist_ok=True)
         self.missing_from_list: list[str] = []
         mpps: dict[str, float] = {}
-        paths = list(selected_wsi_paths) if selected_wsi_paths else self._discover()
+        paths = [os.fspath(p) for p in selected_wsi_paths] if selected_wsi_paths else self._discover()
         if custom_list_of_wsis:
             paths, mpps = self._apply_list(paths, custom_list_of_wsis)
         self.wsis: list[WSI] = [self._make_wsi(p, mpps) for p in sorted(paths)]
@@ -249,7 +251,7 @@ class Processor:
 
     def _args(self) -> dict:
         return {k: v for k, v in vars(self).items() if isinstance(v, (str, int, float, bool, list, type(None)))
-                and k not in ("missing_from_list",)}
+                and k not in ("missing_from_list", "wsis")}
 
     # -- one stage over all slides -----------------------------------------------------------------
     def _run_stage(self, stage: str, output_for, kind: str, work, settings_for) -> dict:
