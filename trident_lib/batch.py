@@ -114,7 +114,8 @@ def run_batch(args) -> int:
                 from .slide_encoder_models import encoder_factory as slide_factory
 
                 processor.run_slide_feature_extraction_job(slide_factory(args.slide_encoder), coords_dir, device,
-                                                           batch_limit=args.feat_batch_size)
+                                                           batch_limit=args.feat_batch_size,
+                                                           patch_encoder_ckpt_path=args.patch_encoder_ckpt_path)
             else:
                 from .patch_encoder_models import encoder_factory
 
@@ -136,6 +137,8 @@ def print_summary(processor) -> None:
               f"{s['seconds']:.1f}s")
         for name, err in s["errors"].items():
             print(f"    {name}: {err}")
+        if s.get("redone"):
+            print(f"    redone {len(s['redone'])}: outputs whose settings changed or were not recorded")
     if processor.missing_from_list:
         print(f"  listed but not found: {', '.join(processor.missing_from_list)}")
 
@@ -150,24 +153,83 @@ def run_convert(args) -> int:
 
 
 def run_doctor(args) -> int:
-    """Check the install: OpenSlide, torch device, which encoders have weights locally."""
+    """Check the install: OpenSlide, torch device, and for each model whose weights are found locally
+    (registry, hub cache, packaged) whether they load and what one patch gives. Exit 1 if any fails."""
     import openslide
     import torch
-
-    from .patch_encoder_models import REGISTRY, encoder_spec
-    from .weights import find_weights
 
     print(f"OpenSlide {openslide.__library_version__} (openslide-python {openslide.__version__})")
     cuda = torch.cuda.is_available()
     gpus = f"available: {torch.cuda.device_count()} GPU(s)" if cuda else "not available (CPU only)"
     print(f"torch {torch.__version__}; CUDA {gpus}")
+    failed = 0
+    for name, path, check in _local_models():
+        if path is None:
+            print(f"  {name:<20} no local weights")
+            continue
+        if getattr(args, "no_load", False):
+            print(f"  {name:<20} weights: {path}")
+            continue
+        try:
+            print(f"  {name:<20} loads; one patch -> {check(path)}  ({path})")
+        except Exception as e:  # noqa: BLE001  a report, not a crash: say why and go on
+            failed += 1
+            print(f"  {name:<20} DOES NOT LOAD: {type(e).__name__}: {e}  ({path})")
+    return 1 if failed else 0
+
+
+def _local_models():
+    """(name, local weights path or None, check(path) -> output shape) for patch encoders and segmenters."""
+    import torch
+    from PIL import Image
+
+    from .patch_encoder_models import REGISTRY, encoder_factory
+    from .segmentation_models import SEGMENTERS, segmentation_model_factory
+    from .weights import find_weights
+
+    def patch_check(name, size):
+        def check(path):
+            enc = encoder_factory(name, weights_path=path)
+            with torch.inference_mode():
+                out = enc(enc.eval_transforms(Image.new("RGB", (size, size), (220, 180, 210)))[None])
+            if out.shape[-1] != enc.embedding_dim:
+                raise ValueError(f"output {tuple(out.shape)}, expected {enc.embedding_dim} features")
+            return tuple(out.shape)
+        return check
+
+    def seg_check(name, size):
+        def check(path):
+            seg = segmentation_model_factory(name, weights_path=path)
+            with torch.inference_mode():
+                return tuple(seg(seg.eval_transforms(Image.new("RGB", (size, size), (220, 180, 210)))[None]).shape)
+        return check
+
     for name in sorted(REGISTRY):
-        spec = encoder_spec(name)
+        spec = REGISTRY[name]
         try:
             path = find_weights(name, None, spec.hub_repo, ("config.json",) if spec.from_folder else spec.weight_files)
-        except Exception:
+        except Exception:  # noqa: BLE001
             path = spec.packaged_weights() if spec.packaged_weights else None
-        print(f"  {name:<20} {'weights: ' + path if path else 'no local weights'}")
+        yield name, path, patch_check(name, spec.patch_size)
+    for name, cls in sorted(SEGMENTERS.items()):
+        if cls.weights_file:
+            try:
+                path = find_weights(name, None, cls.hub_repo, cls.weights_file)
+            except Exception:  # noqa: BLE001
+                path = None
+            yield name, path, seg_check(name, cls.input_size)
+
+
+def run_convert_weights(args) -> int:
+    from .weights import UnsafeCheckpointError, convert_to_safetensors
+
+    try:
+        n = convert_to_safetensors(args.src, args.dst, trust=args.trust)
+    except (ValueError, OSError) as e:
+        hint = "\n(add --trust to unpickle it in full)" if isinstance(e, UnsafeCheckpointError) else ""
+        print(f"{e}{hint}", file=sys.stderr)
+        return 1
+    print(f"{args.dst}: {n} tensors")
     return 0
 
 
@@ -190,8 +252,15 @@ def add_subcommands(sub) -> None:
     c.add_argument("--num_workers", type=int, default=1)
     c.add_argument("--bigtiff", action="store_true")
     c.set_defaults(fn=run_convert)
-    d = sub.add_parser("doctor", help="check OpenSlide, the torch device and which encoders have weights")
+    d = sub.add_parser("doctor", help="check OpenSlide, the torch device and which models' local weights load")
+    d.add_argument("--no-load", action="store_true", help="only list where weights are, without loading them")
     d.set_defaults(fn=run_doctor)
+    w = sub.add_parser("convert-weights", help="a checkpoint's tensors -> .safetensors (loads without unpickling)")
+    w.add_argument("src")
+    w.add_argument("dst")
+    w.add_argument("--trust", action="store_true", help="unpickle SRC in full if it needs more than plain data: "
+                                                          "only for files from a source you trust")
+    w.set_defaults(fn=run_convert_weights)
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import pickle
 from typing import Iterable
 
 import torch
@@ -101,20 +102,53 @@ def find_weights(model_name: str, weights_path: str | os.PathLike | None = None,
     raise WeightsNotFoundError(model_name, looked, how)
 
 
-def load_state_dict(path: str | os.PathLike, model_name: str = "model") -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint, without unpickling arbitrary objects. Unwraps common containers
-    ('state_dict', 'model', 'teacher') and DataParallel 'module.' prefixes."""
+UNPICKLE_HELP = ("Convert it once to safetensors, on a machine where you trust the file's source: "
+                 "`trident-dagster convert-weights {path} <out>.safetensors --trust`, then pass the .safetensors file.")
+
+
+class UnsafeCheckpointError(ValueError):
+    """A pickled checkpoint that needs objects beyond tensors and plain data: never unpickled silently."""
+
+
+def _data_only_globals() -> list:
+    """Objects training scripts store next to the weights (an epoch as a numpy scalar, argparse options) that
+    only hold data: allowed under ``weights_only=True``. numpy 1.x files name the scalar ``numpy.core``."""
+    import argparse
+
+    allowed: list = [argparse.Namespace]
+    try:
+        import numpy as np
+    except ImportError:
+        return allowed
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    allowed += [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype]
+    allowed += sorted({type(np.dtype(c)) for c in "?bhilqBHILQefdFD"}, key=str)
+    return allowed
+
+
+def torch_load(path: str | os.PathLike, model_name: str = "model"):
+    """``torch.load`` with ``weights_only=True`` and the data-only allow-list; a file that needs more
+    (pickled classes or functions) is refused with what it needs and how to convert it."""
     path = os.fspath(path)
     try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+        with torch.serialization.safe_globals(_data_only_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise
+        try:
+            needs = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or "unknown objects"
+        except Exception:  # noqa: BLE001  (an old-format file: the list is only a hint)
+            needs = "objects other than tensors"
+        raise UnsafeCheckpointError(
+            f"{model_name}: {path} is a pickle that needs {needs}; loading it would run code from the file, "
+            f"so it is refused. " + UNPICKLE_HELP.format(path=path)) from None
 
-            sd = load_file(path, device="cpu")
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{model_name}: cannot load weights from {path}: the file is corrupt or not a "
-                         f"tensor checkpoint ({type(e).__name__}: {str(e)[:200]}).") from e
+
+def unwrap_state_dict(sd, model_name: str = "model", path: str = "") -> dict:
+    """The tensors of a loaded checkpoint: unwraps common containers ('state_dict' of Lightning, 'model' of
+    timm/DINO-style training scripts, 'teacher', 'model_state_dict') and DataParallel 'module.' prefixes."""
     for key in ("state_dict", "model", "teacher", "model_state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -123,6 +157,48 @@ def load_state_dict(path: str | os.PathLike, model_name: str = "model") -> dict[
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
+
+
+def load_state_dict(path: str | os.PathLike, model_name: str = "model") -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint, without unpickling arbitrary objects (see ``torch_load``)."""
+    path = os.fspath(path)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            sd = load_file(path, device="cpu")
+        else:
+            sd = torch_load(path, model_name)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{model_name}: cannot load weights from {path}: the file is corrupt or not a "
+                         f"tensor checkpoint ({type(e).__name__}: {str(e)[:200]}).") from e
+    return unwrap_state_dict(sd, model_name, path)
+
+
+def convert_to_safetensors(src: str | os.PathLike, dst: str | os.PathLike, trust: bool = False) -> int:
+    """Write the tensors of checkpoint ``src`` to ``dst`` (.safetensors); returns how many. A pickle that
+    needs more than data is unpickled in full only with ``trust=True`` (the caller vouches for the file)."""
+    from safetensors.torch import save_file
+
+    src, dst = os.fspath(src), os.fspath(dst)
+    try:
+        sd = load_state_dict(src, os.path.basename(src))
+    except UnsafeCheckpointError:
+        if not trust:
+            raise
+        try:
+            full = torch.load(src, map_location="cpu", weights_only=False)
+        except ModuleNotFoundError as e:  # e.g. a Lightning checkpoint pickled with Lightning's own classes
+            raise ValueError(f"{src} names classes from the package '{e.name}': install it to convert the file "
+                             f"(pip install {e.name}).") from e
+        sd = unwrap_state_dict(full, src, src)
+    tensors = {k: v.detach().clone().contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{src} holds no tensors.")
+    save_file(tensors, dst)
+    return len(tensors)
 
 
 def load_into(model: torch.nn.Module, state_dict: dict, model_name: str, path: str | os.PathLike,

@@ -20,19 +20,22 @@ HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 HOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))
 LUNIT = ((0.70322989, 0.53606487, 0.66096631), (0.21716536, 0.26081574, 0.20723464))
+HIBOU = ((0.7068, 0.5755, 0.722), (0.195, 0.2316, 0.1816))
+GENBIO = ((0.697, 0.575, 0.728), (0.188, 0.240, 0.187))
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def eval_transforms(size: int = 224, norm=IMAGENET, resize: int | None = None, interpolation: str = "bilinear"):
-    """Resize (antialiased), centre crop, to tensor in [0, 1], normalise."""
+def eval_transforms(size: int = 224, norm=IMAGENET, resize: int | None = None, interpolation: str = "bilinear",
+                    crop: bool = True, squash: bool = False):
+    """Resize (antialiased; the shorter side, or both sides with ``squash``), centre crop unless ``crop`` is
+    False, to tensor in [0, 1], normalise."""
     interp = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[interpolation]
-    return T.Compose([
-        T.Resize(resize or size, interpolation=interp, antialias=True),
-        T.CenterCrop(size),
-        T.ToTensor(),
-        T.Normalize(*norm),
-    ])
+    side = resize or size
+    steps = [T.Resize((side, side) if squash else side, interpolation=interp, antialias=True)]
+    if crop:
+        steps.append(T.CenterCrop(size))
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(*norm)])
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class EncoderSpec:
     size: int = 224
     resize: int | None = None
     interpolation: str = "bilinear"
+    crop: bool = True  # centre crop to ``size`` after the resize
+    squash: bool = False  # resize both sides to ``size`` (aspect ratio not kept) instead of the shorter one
     precision: str = "fp32"
     hub_repo: str | None = None
     weight_files: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
@@ -54,7 +59,7 @@ class EncoderSpec:
     requires: tuple[str, ...] = ()  # importable modules the architecture needs
     install: str | None = None  # how to install them, when it is not "pip install <module>"
     ignore_prefixes: tuple[str, ...] = ("head.", "fc.", "classifier.")  # classifier heads users' files may hold
-    adapt_state_dict: Callable[[dict], dict] | None = None
+    adapt_state_dict: Callable[[dict, torch.nn.Module], dict] | None = None  # published layout -> ours
     forward: Callable | None = None  # (model, x) -> features, when not model(x)
     load_weights: Callable | None = None  # (model, path) for formats that need their own loader
     packaged_weights: Callable[[], str] | None = None  # weights shipped inside an installed package
@@ -111,7 +116,8 @@ class BasePatchEncoder(torch.nn.Module):
         self.enc_name = spec.name
         self.embedding_dim = spec.dim
         self.precision = PRECISIONS[spec.precision]
-        self.eval_transforms = eval_transforms(spec.size, spec.norm, spec.resize, spec.interpolation)
+        self.eval_transforms = eval_transforms(spec.size, spec.norm, spec.resize, spec.interpolation, spec.crop,
+                                               spec.squash)
         self.weights_path = None
         self.weights_sha256 = None
         if spec.from_folder:  # config and weights come together; there is no random-weights variant
@@ -146,7 +152,7 @@ class BasePatchEncoder(torch.nn.Module):
         else:
             sd = load_state_dict(path, spec.name)
             if spec.adapt_state_dict is not None:
-                sd = spec.adapt_state_dict(sd)
+                sd = spec.adapt_state_dict(sd, self.model)
             load_into(self.model, sd, spec.name, path, spec.ignore_prefixes)
         self.weights_path, self.weights_sha256 = path, file_checksum(path)
 

@@ -3,10 +3,14 @@ packages or model code outside PyPI's mainstream (MUSK, KEEP, GenBio-PathFM, Gem
 
 from __future__ import annotations
 
+import copy
+import math
+
 import torch
 
 from ..errors import MissingDependencyError
-from .base import HALF, IMAGENET, OPENAI_CLIP, EncoderSpec, register
+from ..weights import load_state_dict
+from .base import GENBIO, HALF, HIBOU, IMAGENET, EncoderSpec, register
 
 
 def _transformers():
@@ -31,7 +35,7 @@ class HFBackbone(torch.nn.Module):
 
 
 def _hf(model_cls, config_cls, **config):
-    return lambda: HFBackbone(model_cls, config_cls, **config)
+    return lambda **overrides: HFBackbone(model_cls, config_cls, **{**config, **overrides})
 
 
 def _hf_keys(sd: dict) -> dict:
@@ -43,8 +47,35 @@ def _hf_keys(sd: dict) -> dict:
                 k = k[len(prefix):]
                 break
         if not k.startswith(("pooler.", "classifier.")):
-            out["backbone." + k] = v
+            out[k] = v
     return out
+
+
+def hf_loader(name: str):
+    """Load a transformers checkpoint (model.safetensors / pytorch_model.bin as saved by save_pretrained)
+    through transformers itself, which maps the names on disk to the installed version's module names.
+
+    A DINOv2 file whose position table has another grid (its config's image_size) gives the model that
+    grid, as from_pretrained with the file's config would; transformers resamples it per input size."""
+
+    def load(model: HFBackbone, path: str) -> None:
+        sd = _hf_keys(load_state_dict(path, name))
+        config = copy.deepcopy(model.backbone.config)
+        pos = sd.get("embeddings.position_embeddings")
+        if pos is not None and config.model_type.startswith("dinov2"):
+            config.image_size = math.isqrt(pos.shape[1] - 1) * config.patch_size
+        kwargs = {"add_pooling_layer": False} if isinstance(model.backbone, _transformers().ViTModel) else {}
+        try:
+            backbone, info = type(model.backbone).from_pretrained(None, config=config, state_dict=sd,
+                                                                  output_loading_info=True, **kwargs)
+        except (RuntimeError, ValueError) as e:  # shape mismatches
+            raise ValueError(f"{name}: the weights in {path} do not fit this architecture ({str(e)[:300]}).") from e
+        bad = {k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}
+        if bad:
+            raise ValueError(f"{name}: the weights in {path} do not fit this architecture ({str(bad)[:300]}).")
+        model.backbone = backbone.eval()
+
+    return load
 
 
 def cls_token(model, x):
@@ -67,18 +98,19 @@ DINOV2_G = dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, 
 register(
     EncoderSpec("phikon", 768, _hf("ViTModel", "ViTConfig", hidden_size=768, num_hidden_layers=12,
                                    num_attention_heads=12, intermediate_size=3072, image_size=224, patch_size=16),
-                IMAGENET, hub_repo="owkin/phikon", adapt_state_dict=_hf_keys, forward=cls_token, patch_size=224,
-                requires=("transformers",), licence="Owkin non-commercial"),
+                IMAGENET, crop=False, hub_repo="owkin/phikon", load_weights=hf_loader("phikon"), forward=cls_token,
+                patch_size=224, requires=("transformers",), licence="Owkin non-commercial"),
     EncoderSpec("phikon_v2", 1024, _hf("Dinov2Model", "Dinov2Config", **DINOV2_L), IMAGENET,
-                hub_repo="owkin/phikon-v2", adapt_state_dict=_hf_keys, forward=cls_token, patch_size=224,
+                hub_repo="owkin/phikon-v2", load_weights=hf_loader("phikon_v2"), forward=cls_token, patch_size=224,
                 requires=("transformers",), licence="Owkin non-commercial"),
     EncoderSpec("hibou_l", 1024, _hf("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", num_register_tokens=4,
-                                     **DINOV2_L), ((0.7068, 0.5755, 0.722), (0.195, 0.2316, 0.1816)),
-                hub_repo="histai/hibou-L", adapt_state_dict=_hf_keys, forward=cls_token, patch_size=224,
+                                     **DINOV2_L), HIBOU, interpolation="bicubic", crop=False,
+                hub_repo="histai/hibou-L", load_weights=hf_loader("hibou_l"), forward=cls_token, patch_size=224,
                 requires=("transformers",), licence="Apache-2.0"),
-    EncoderSpec("midnight12k", 3072, _hf("Dinov2Model", "Dinov2Config", **DINOV2_G), HALF,
-                hub_repo="kaiko-ai/midnight", adapt_state_dict=_hf_keys, forward=cls_and_mean(1), patch_size=224,
-                requires=("transformers",), licence="MIT"),
+    # TRIDENT's code returns the class token (1536) by default, its README 3072: class token + mean patch token.
+    EncoderSpec("midnight12k", 3072, _hf("Dinov2Model", "Dinov2Config", **DINOV2_G), HALF, precision="fp16",
+                hub_repo="kaiko-ai/midnight", load_weights=hf_loader("midnight12k"), forward=cls_and_mean(1),
+                patch_size=224, requires=("transformers",), licence="MIT"),
 )
 
 
@@ -124,11 +156,12 @@ register(
                 precision="fp16", hub_repo="xiangjx/musk", weight_files=("model.safetensors",), patch_size=384,
                 requires=("musk",), install="pip install git+https://github.com/lilab-stanford/MUSK fairscale",
                 load_weights=load_musk, forward=musk_image_embedding, licence="CC-BY-NC-ND-4.0"),
-    EncoderSpec("keep", 768, _from_folder_transformers, OPENAI_CLIP, hub_repo="Astaxanthin/KEEP", from_folder=True,
-                forward=_pooled, requires=("transformers",), licence="see model card"),
-    EncoderSpec("genbio-pathfm", 4608, _from_folder_transformers, IMAGENET, hub_repo="genbio-ai/genbio-pathfm",
-                from_folder=True, forward=_pooled, patch_size=224, requires=("transformers",),
+    EncoderSpec("keep", 768, _from_folder_transformers, IMAGENET, interpolation="bicubic", precision="fp16",
+                hub_repo="Astaxanthin/KEEP", from_folder=True, forward=_pooled, requires=("transformers",),
                 licence="see model card"),
+    EncoderSpec("genbio-pathfm", 4608, _from_folder_transformers, GENBIO, crop=False, precision="bf16",
+                hub_repo="genbio-ai/genbio-pathfm", from_folder=True, forward=_pooled, patch_size=224,
+                requires=("transformers",), licence="see model card"),
     EncoderSpec("gemma4-e4b", 768, _from_folder_transformers, HALF, hub_repo="google/gemma-4-E4B",
                 from_folder=True, forward=_pooled, patch_size=224, precision="bf16", requires=("transformers",),
                 licence="Gemma terms"),

@@ -175,7 +175,7 @@ class JpegReencode:
         self.quality = quality
 
     def __call__(self, img: Image.Image) -> Image.Image:
-        ok, buf = cv2.imencode(".jpg", np.asarray(img.convert("RGB")), [cv2.IMWRITE_JPEG_QUALITY, self.quality])
+        _, buf = cv2.imencode(".jpg", np.asarray(img.convert("RGB")), [cv2.IMWRITE_JPEG_QUALITY, self.quality])
         return Image.fromarray(cv2.imdecode(buf, cv2.IMREAD_COLOR))
 
 

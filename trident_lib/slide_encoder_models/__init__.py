@@ -65,8 +65,15 @@ for _spec in [
     SPECS[_spec.name] = _spec
 
 
+# TRIDENT registers mean-kaiko-vit8s etc., which match no patch encoder name (kaiko-vits8, ...) and so
+# cannot resolve there; they are taken here as the kaiko encoders they evidently mean.
+MEAN_ALIASES = {"kaiko-vit8s": "kaiko-vits8", "kaiko-vit16s": "kaiko-vits16", "kaiko-vit8b": "kaiko-vitb8",
+                "kaiko-vit16b": "kaiko-vitb16", "kaiko-vit14l": "kaiko-vitl14"}
+
+
 def _mean_spec(name: str) -> SlideEncoderSpec:
     patch = name[len("mean-"):]
+    patch = MEAN_ALIASES.get(patch, patch)
     if patch not in PATCH_REGISTRY:
         raise ValueError(f"Unknown slide encoder {name!r}: no patch encoder {patch!r}.")
     p = PATCH_REGISTRY[patch]
@@ -177,8 +184,9 @@ class GigaPathSlideEncoder(BaseSlideEncoder):
     """Prov-GigaPath's LongNet slide encoder, built by the gigapath package from the lab's ``slide_encoder.pth``.
 
     Each patch sits on a grid of ``patch_size_level0`` tiles (TRIDENT's placement); the output is the
-    mean-pooled, normed state after ``layer`` (TRIDENT takes 11 of 12 blocks; upstream calls the 12th
-    "last_layer_embed"): 768-d."""
+    mean-pooled, normed state after ``layer``: 768-d. TRIDENT takes 11 of 12 blocks, as prov-gigapath's own
+    fine-tuning recipe does by default (``--feat_layer 11``), so 11 stays the default; ``layer=12`` gives
+    what upstream's inference helper calls "last_layer_embed"."""
 
     def __init__(self, spec, weights_path=None, pretrained=True, layer: int = 11):
         super().__init__(spec)
