@@ -47,7 +47,7 @@ def library_baseline(paths: list[str]) -> float:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--slides", type=int, default=20)
-    parser.add_argument("--per-run", type=int, default=16, help="backfill_slides_per_run (the default config's)")
+    parser.add_argument("--per-run", type=int, default=16, help="slides_per_run (the default config's)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="trident-bench-platform-"))
     inbox, out = tmp / "inbox", tmp / "out"
@@ -57,8 +57,8 @@ def main():
 
     home = instance_home(tmp / "home")
     config = tmp / "trident.yaml"
-    config.write_text(f"inbox: {inbox}\nstorage: {out}\nbackfill_slides_per_run: {args.per_run}\n"
-                      f"sensor_max_new_slides: 0\n"
+    config.write_text(f"inbox: {inbox}\nstorage: {out}\nslides_per_run: {args.per_run}\n"
+                      f"inbox_sensor: false\n"
                       f"patch_encoders:\n  - name: efficientnet_lite0\n    batch_size: 32\n"
                       f"slide_encoders:\n  - mean-efficientnet_lite0\n")
     env = {**os.environ, "DAGSTER_HOME": str(home), "TRIDENT_CONFIG": str(config)}

@@ -18,7 +18,7 @@ def cli(args, env, timeout=900):
 
 def test_headless_run_status_add_backfill(tmp_path, slides):
     config = tmp_path / "trident.yaml"
-    config.write_text(f"inbox: {tmp_path / 'inbox'}\nstorage: {tmp_path / 'out'}\nbackfill_slides_per_run: 3\n"
+    config.write_text(f"inbox: {tmp_path / 'inbox'}\nstorage: {tmp_path / 'out'}\nslides_per_run: 3\n"
                       "patch_encoders:\n  - name: efficientnet_lite0\n    batch_size: 16\n"
                       "slide_encoders:\n  - mean-efficientnet_lite0\n")
     env = {**os.environ, "TRIDENT_CONFIG": str(config), "DAGSTER_HOME": str(instance_home(tmp_path / "home"))}

@@ -31,7 +31,7 @@ def test_backfill_completes_across_a_daemon_restart(tmp_path, slides):
     for i in range(3):
         shutil.copy(slides["aperio_20x"], inbox / f"s{i}.svs")
     config = tmp_path / "trident.yaml"
-    config.write_text(f"inbox: {inbox}\nstorage: {out}\nbackfill_slides_per_run: 1\nsensor_max_new_slides: 0\n"
+    config.write_text(f"inbox: {inbox}\nstorage: {out}\nslides_per_run: 1\ninbox_sensor: false\n"
                       "patch_encoders:\n  - name: efficientnet_lite0\n    batch_size: 16\n"
                       "slide_encoders:\n  - mean-efficientnet_lite0\n")
     env = {**os.environ, "DAGSTER_HOME": str(home), "TRIDENT_CONFIG": str(config)}

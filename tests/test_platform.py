@@ -174,43 +174,53 @@ def test_materialize_every_asset(cohort):
         assert np.isfinite(emb.loc["CMU-1-Small-Region.svs", "e0"]) and emb.loc["blank.svs", "status"] == "no_tissue"
 
 
+def covered(result) -> list[str]:
+    """The slides a sensor tick's run requests cover (a partition, or a range over the keys it adds)."""
+    order = [k for r in result.dynamic_partitions_requests for k in r.partition_keys]
+    out = []
+    for r in result.run_requests:
+        if r.partition_key:
+            out.append(r.partition_key)
+        else:
+            start, end = r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"]
+            out += order[order.index(start):order.index(end) + 1]
+    return sorted(out)
+
+
 def test_inbox_sensor_ticks(cohort, tmp_path):
     settings, defs = cohort
     sensor = defs.resolve_sensor_def("inbox_sensor")
     with dg.instance_for_test() as instance:
-        ctx = dg.build_sensor_context(instance=instance, resources=defs.resources, definitions=defs)
-        first = sensor(ctx)
-        keys = {r.partition_key for r in first.run_requests}
-        assert len(keys) == 4 and "broken.svs" in keys  # the broken file gets one run that fails clearly
-        assert set(first.dynamic_partitions_requests[0].partition_keys) == keys
-        instance.add_dynamic_partitions("slides", sorted(keys))
+        def tick(cursor):
+            return sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources,
+                                                  definitions=defs))
 
-        again = sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor,
-                                                             resources=defs.resources, definitions=defs))
-        assert not again.run_requests and again.skip_reason  # unchanged files, the broken one too, are not retried
+        first = tick(None)
+        keys = covered(first)
+        assert len(keys) == 4 and "broken.svs" in keys  # the broken file gets one run that fails clearly
+        assert len(first.run_requests) == 1  # slides that arrive together run together
+        assert sorted(first.dynamic_partitions_requests[0].partition_keys) == keys
+        instance.add_dynamic_partitions("slides", first.dynamic_partitions_requests[0].partition_keys)
+
+        after = tick(first.cursor)
+        assert not after.run_requests and after.skip_reason  # unchanged files, the broken one too, are not retried
 
         target = Path(settings.inbox) / "blank.svs"
         os.utime(target, (target.stat().st_atime, target.stat().st_mtime + 10))  # replaced in place
         (Path(settings.inbox) / "new.svs").symlink_to(fixture_slide("openslide-small.svs"))
-        third = sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor,
-                                                             resources=defs.resources, definitions=defs))
-        assert sorted(r.partition_key for r in third.run_requests) == ["blank.svs", "new.svs"]
+        third = tick(after.cursor)
+        assert covered(third) == ["blank.svs", "new.svs"]
         assert third.dynamic_partitions_requests[0].partition_keys == ["new.svs"]
 
 
-def test_sensor_cap_per_tick(cohort):
+def test_sensor_batches_slides_per_run(cohort):
     settings, _ = cohort
-    defs = build_definitions(Settings(**{**settings.__dict__, "sensor_max_new_slides": 3}))
+    defs = build_definitions(Settings(**{**settings.__dict__, "slides_per_run": 3}))
     sensor = defs.resolve_sensor_def("inbox_sensor")
     with dg.instance_for_test() as instance:
-        ctx = dg.build_sensor_context(instance=instance, resources=defs.resources,
-                                      definitions=defs)
-        first = sensor(ctx)
-        assert len(first.run_requests) == 3
-        second = sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor,
-                                                              resources=defs.resources,
-                                                              definitions=defs))
-        assert len(second.run_requests) == 1
+        first = sensor(dg.build_sensor_context(instance=instance, resources=defs.resources, definitions=defs))
+        assert len(first.run_requests) == 2 and len(covered(first)) == 4  # a range of 3 and a single slide
+        assert len({r.run_key for r in first.run_requests}) == 2
 
 
 def test_automation_sensor_runs_by_default():

@@ -16,7 +16,7 @@ from trident_assets import assets as assets_module
 from trident_assets.cli import main
 from trident_assets.definitions import build_definitions
 from trident_assets.inbox import local_path, scan_inbox
-from trident_assets.settings import load_settings
+from trident_assets.settings import Settings, load_settings
 
 from conftest import ROOT, fixture_slide
 
@@ -38,6 +38,8 @@ def test_init_writes_a_project_that_every_command_uses(tmp_path, monkeypatch):
     assert settings.resolve(settings.inbox) == str(project / "scans")
     assert settings.resolve(settings.storage) == str(project / "data" / "outputs")
     assert settings.holes_are_tissue is True  # TRIDENT's batch default
+    (project / "trident.yaml").write_text("inbox: scans\n")  # keys left out keep their defaults
+    assert load_settings().slide_encoders == Settings().slide_encoders != ()
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

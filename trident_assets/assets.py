@@ -4,6 +4,8 @@ configured encoder (and one coordinates asset per patch setting)."""
 
 
 import contextlib
+import os
+import socket
 import time
 import warnings
 from typing import Callable
@@ -17,6 +19,7 @@ from trident_lib import load_wsi
 from trident_lib.contours import empty_gdf
 from trident_lib.devices import lease_device
 from trident_lib.errors import SlideError, TooLowResolutionError
+from trident_lib.model_cache import cached_model
 from trident_lib.extraction import feature_attrs, patch_features, slide_embedding
 from trident_lib.patch_encoder_models import encoder_factory, encoder_spec
 from trident_lib.patching import draw_coords, max_plausible_patches, tissue_coords
@@ -34,8 +37,14 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_p
 
 LIB = trident_lib.__version__
 GPU_TAGS = {
-    # k8s_job_executor: one GPU per step; celery executor: route to the workers listening on "gpu".
-    "dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}},
+    # k8s_job_executor: one GPU per step, on a GPU node (the NVIDIA device plugin's label and taint; a cluster
+    # with other names overrides them with the executor's per_step_k8s_config). celery executor: route to the
+    # workers listening on "gpu".
+    "dagster-k8s/config": {
+        "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}},
+        "pod_spec_config": {"node_selector": {"nvidia.com/gpu.present": "true"},
+                            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+    },
     "dagster-celery/queue": "gpu",
 }
 
@@ -84,6 +93,15 @@ def for_each_slide(context, values: dict, fn: Callable, on_error: Callable[[str,
     return results
 
 
+def warm_model(context, kind: str, name: str, weights, device: str, build: Callable, **options):
+    """The model from this process's cache: a Celery worker keeps it between steps (and slides), so a cohort
+    loads each model once per worker. The step log says whether it was loaded or reused, and where."""
+    model, how, seconds = cached_model(kind, name, weights, device, build, **options)
+    context.log.info(f"model {how}: {name} on {device} in worker {socket.gethostname()}:{os.getpid()} "
+                     f"({seconds:.2f}s)")
+    return model
+
+
 def error_coords_attrs(key: str, pe) -> dict:
     """Contract attributes for the empty coords of a slide that could not be processed."""
     return {"patch_size": pe.patch_size, "patch_size_level0": 0, "level0_magnification": 0,
@@ -115,7 +133,7 @@ def single_metadata(results: dict, make: Callable[[str, object], dict]) -> dict:
 
 def build_assets(settings: Settings) -> list:
     eager = dg.AutomationCondition.eager()
-    backfill = dg.BackfillPolicy.multi_run(max_partitions_per_run=settings.backfill_slides_per_run)
+    backfill = dg.BackfillPolicy.multi_run(max_partitions_per_run=settings.slides_per_run)
     common = dict(partitions_def=slides, io_manager_key="trident_io", automation_condition=eager,
                   backfill_policy=backfill, retry_policy=RETRY)
 
@@ -266,7 +284,8 @@ def _features_asset(settings: Settings, pe, common):
     def features(context: dg.AssetExecutionContext, inbox: Inbox, slide_file: dict, patch_coords: dict):
         with lease_device(settings.device) as device:
             t0 = time.perf_counter()
-            encoder = encoder_factory(pe.name, weights_path=pe.weights_path)  # once per step, not per slide
+            encoder = warm_model(context, "patch", pe.name, _encoder_weights(pe.name, pe.weights_path), device,
+                                 lambda: encoder_factory(pe.name, weights_path=pe.weights_path))
             load_seconds = time.perf_counter() - t0
             prov = {"encoder": pe.name, "weights_sha256": encoder.weights_sha256 or "none", "device": device,
                     "fast_cpu": pe.fast_cpu and device == "cpu"}
@@ -325,7 +344,8 @@ def _embedding_asset(settings: Settings, se, common):
     def embedding(context: dg.AssetExecutionContext, patch_features: dict):
         with lease_device(settings.device) as device:
             remote = {"trust_remote_code": True} if se.trust_remote_code else {}  # only remote-code models take it
-            model = slide_encoder_factory(se.name, weights_path=se.weights_path, **remote)
+            model = warm_model(context, "slide", se.name, se.weights_path, device,
+                               lambda: slide_encoder_factory(se.name, weights_path=se.weights_path, **remote), **remote)
 
             def one(k, f: Features, status: dict | None = None):
                 emb = slide_embedding(f.features, f.coords, f.attrs, model, device) if status is None else \

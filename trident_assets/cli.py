@@ -106,7 +106,7 @@ def cmd_run(args) -> int:
     defs = build_definitions(settings)
     keys = _ordered(instance, _register_inbox(instance, settings))
     print(f"{len(keys)} slide(s) in {settings.resolve(settings.inbox)}")
-    failed = materialize_in_batches(defs, instance, "process_slides", keys, settings.backfill_slides_per_run)
+    failed = materialize_in_batches(defs, instance, "process_slides", keys, settings.slides_per_run)
     defs.resolve_job_def("refresh_cohort_tables").execute_in_process(instance=instance, raise_on_error=False)
     print_status(settings, keys)
     print(f"\noutputs: {settings.resolve(settings.storage)}")
@@ -148,7 +148,7 @@ def cmd_backfill(args) -> int:
         selection = selection.upstream()
     keys_sel = sorted(selection.resolve(defs.resolve_asset_graph()))
     failed = materialize_in_batches(defs, instance, "process_slides", keys, args.batch or
-                                    settings.backfill_slides_per_run, selection=keys_sel)
+                                    settings.slides_per_run, selection=keys_sel)
     print(f"done: {len(keys) - len(failed)} slide(s) ok, {len(failed)} in failed runs")
     return 1 if failed else 0
 

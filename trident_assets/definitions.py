@@ -7,6 +7,7 @@ import dagster as dg
 from . import dagster_fixes
 from .assets import Inbox, build_assets, slides
 from .io_managers import TridentIOManager
+from .scaleout import executor_def
 from .sensors import build_automation_sensor, build_inbox_sensor
 from .settings import Settings, load_settings
 
@@ -22,11 +23,11 @@ def build_definitions(settings: Settings | None = None, resources: dict | None =
     cohort = dg.define_asset_job("refresh_cohort_tables", selection=dg.AssetSelection.groups("cohort"))
     return dg.Definitions(
         assets=assets,
-        # One process per run: a step in its own process re-imports torch and the models (~5 s each);
-        # parallelism comes from several runs at once and from the data-loader workers inside a step.
-        executor=dg.in_process_executor,
+        # The `executor` setting: in-process (embedded), Celery workers with a GPU queue, or Kubernetes jobs.
+        executor=executor_def(settings),
         jobs=[process_slides, cohort],
-        sensors=[build_inbox_sensor(process_slides, settings.sensor_max_new_slides, settings.inbox_settle_seconds),
+        sensors=[build_inbox_sensor(process_slides, settings.slides_per_run, settings.inbox_settle_seconds,
+                                    running=settings.inbox_sensor),
                  build_automation_sensor()],
         resources={
             "inbox": Inbox(path=settings.resolve(settings.inbox), extensions=list(settings.extensions),

@@ -1,10 +1,12 @@
 """The inbox sensor (new or replaced slide files -> partitions + runs) and the automation sensor."""
 
 
+import hashlib
 import json
 import time
 
 import dagster as dg
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from .assets import Inbox, slides
 from .inbox import redact, settle
@@ -13,19 +15,21 @@ from .io_managers import TridentIOManager
 ARRIVING_REPORT_SECONDS = 30 * 60  # a file still changing after this long is reported (once), not processed
 
 
-def build_inbox_sensor(job, max_per_tick: int, settle_seconds: float,
-                       give_up_seconds: float = ARRIVING_REPORT_SECONDS) -> dg.SensorDefinition:
-    @dg.sensor(job=job, minimum_interval_seconds=15, default_status=dg.DefaultSensorStatus.RUNNING,
+def build_inbox_sensor(job, slides_per_run: int, settle_seconds: float,
+                       give_up_seconds: float = ARRIVING_REPORT_SECONDS, running: bool = True) -> dg.SensorDefinition:
+    status = dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED
+
+    @dg.sensor(job=job, minimum_interval_seconds=15, default_status=status,
                description="Registers new slide files as partitions once they have finished arriving, and "
-                           "requests their runs in the same tick.")
+                           "requests their runs in the same tick, several slides per run.")
     def inbox_sensor(context: dg.SensorEvaluationContext, inbox: Inbox,
                      trident_io: dg.ResourceParam[TridentIOManager]):
+        # The cursor: each requested slide's file fingerprint ("seen"), and the slides still arriving.
         cursor = json.loads(context.cursor) if context.cursor else {}
         seen: dict[str, str] = cursor.get("seen", {})
         waiting: dict[str, list] = cursor.get("waiting", {})
         found = inbox.scan()
-        # New files and replaced files (their fingerprint changed); a file that fails is not retried until
-        # it changes, because its fingerprint is remembered like any other.
+        # New and replaced files; a file that fails is not retried until it changes.
         changed = {k: sf for k, sf in found.items() if seen.get(k) != sf.fingerprint}
         ready, stuck = settle(changed, waiting, time.time(), settle_seconds, give_up_seconds)
         for k in stuck:
@@ -33,25 +37,40 @@ def build_inbox_sensor(job, max_per_tick: int, settle_seconds: float,
                        f"modification time keeps changing, or a part of it is missing); not processed yet.")
             context.log.warning(message)
             trident_io.mark_arriving(k, message)
-        batch = ready[:max_per_tick]
-        now = time.time()
-        for k in ready[max_per_tick:]:  # over the cap: settled already, the next tick takes them without waiting
-            waiting[k] = [found[k].fingerprint, now - settle_seconds, now, False]
-        new_cursor = json.dumps({"seen": {**seen, **{k: found[k].fingerprint for k in batch}}, "waiting": waiting})
-        if not batch:
+        seen = {k: fp for k, fp in seen.items() if k in found}  # deleted files leave the cursor
+        seen.update({k: found[k].fingerprint for k in ready})
+        new_cursor = json.dumps({"seen": seen, "waiting": waiting}, separators=(",", ":"))
+        if not ready:
             return dg.SensorResult(skip_reason=f"no new slides ready in {redact(inbox.path)} ({len(found)} known, "
                                                f"{len(waiting)} arriving)", cursor=new_cursor)
         known = set(context.instance.get_dynamic_partitions(slides.name))
-        new = [k for k in batch if k not in known]
-        runs = [dg.RunRequest(run_key=f"{k}:{found[k].fingerprint}", partition_key=k,
-                              tags={"trident/slide_file": found[k].relpath[:200]}) for k in batch]
-        for k in batch:
+        new = [k for k in ready if k not in known]
+        runs = [_range_run(chunk, found) for chunk in _chunks(new, slides_per_run)]
+        runs += [_range_run([k], found) for k in ready if k in known]  # replaced files: one run each
+        for k in ready:
             trident_io.clear_arriving(k)
-        context.log.info(f"{len(batch)} slide(s) to process ({len(new)} new); {len(waiting)} still arriving")
+        context.log.info(f"{len(ready)} slide(s) to process ({len(new)} new) in {len(runs)} run(s); "
+                         f"{len(waiting)} still arriving")
         return dg.SensorResult(run_requests=runs, dynamic_partitions_requests=[slides.build_add_request(new)]
                                if new else [], cursor=new_cursor)
 
     return inbox_sensor
+
+
+def _chunks(keys: list[str], size: int) -> list[list[str]]:
+    return [keys[i:i + size] for i in range(0, len(keys), size)]
+
+
+def _range_run(keys: list[str], found: dict) -> dg.RunRequest:
+    """One run over consecutive partitions (new keys are added in this order, so they are consecutive): a
+    model loads once per run, not once per slide."""
+    if len(keys) == 1:
+        return dg.RunRequest(run_key=f"{keys[0]}:{found[keys[0]].fingerprint}", partition_key=keys[0],
+                             tags={"trident/slide_file": found[keys[0]].relpath[:200]})
+    digest = hashlib.sha256("".join(f"{k}:{found[k].fingerprint}" for k in keys).encode()).hexdigest()[:16]
+    return dg.RunRequest(run_key=f"{keys[0]}..{keys[-1]}:{digest}",
+                         tags={ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1],
+                               "trident/slides": str(len(keys))})
 
 
 def build_automation_sensor() -> dg.AutomationConditionSensorDefinition:

@@ -26,6 +26,7 @@ from trident_lib.slide_encoder_models import slide_encoder_spec
 CONFIG_ENV = "TRIDENT_CONFIG"
 PROJECT_ENV = "TRIDENT_PROJECT"
 TEMPLATES = Path(__file__).resolve().parent / "templates"  # the commented trident.yaml and dagster.yaml
+EXECUTORS = ("in_process", "celery", "k8s")
 
 
 def project_dir() -> Path:
@@ -76,11 +77,15 @@ class Settings:
     use_measured_mpp: bool = False
     max_upsampling: float = 2.0  # patching above this times the scan's magnification is refused
     device: str = "auto"  # "auto" picks a free GPU when there is one, else the CPU
-    sensor_max_new_slides: int = 50
+    inbox_sensor: bool = True  # false: the inbox sensor starts stopped (slides are then added by hand or CLI)
     inbox_settle_seconds: float = 30.0  # a slide is processed once its files stopped changing for this long
-    backfill_slides_per_run: int = 16
+    slides_per_run: int = 16  # slides that arrive together (sensor) or are backfilled run this many per run
     slide_cache_dir: str = "data/slide-cache"  # local copies of remote (fsspec) slides for OpenSlide
     slide_cache_max_gb: float = 50.0  # least recently used copies are evicted past this
+    # in_process: a run's steps in the run's own process (the embedded setting); celery: steps on Celery workers,
+    # GPU steps on the "gpu" queue (broker URL in $TRIDENT_CELERY_BROKER); k8s: each step a Kubernetes job.
+    executor: str = "in_process"
+    celery_visibility_timeout: float = 7200.0  # celery: a dead worker's step goes to another after this long
     patch_encoders: tuple[PatchEncoderConfig, ...] = (PatchEncoderConfig(DEFAULT_ENCODER),)
     slide_encoders: tuple[SlideEncoderConfig, ...] = (SlideEncoderConfig(f"mean-{DEFAULT_ENCODER}"),)
     extensions: tuple[str, ...] = field(default=())
@@ -107,6 +112,8 @@ class Settings:
 
 
 def _validate(s: Settings) -> Settings:
+    if s.executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, not {s.executor!r}.")
     for pe in s.patch_encoders:
         encoder_spec(pe.name)
         if not 0 <= pe.overlap < pe.patch_size:
@@ -128,10 +135,13 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"{path}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}.")
-    raw["patch_encoders"] = tuple(PatchEncoderConfig(**(e if isinstance(e, dict) else {"name": e}))
-                                  for e in raw.get("patch_encoders") or [{"name": DEFAULT_ENCODER}])
-    raw["slide_encoders"] = tuple(SlideEncoderConfig(**(e if isinstance(e, dict) else {"name": e}))
-                                  for e in raw.get("slide_encoders") or [])
+    # A key left out keeps its default (as the template says); `slide_encoders: []` means none.
+    if "patch_encoders" in raw:
+        raw["patch_encoders"] = tuple(PatchEncoderConfig(**(e if isinstance(e, dict) else {"name": e}))
+                                      for e in raw["patch_encoders"] or [{"name": DEFAULT_ENCODER}])
+    if "slide_encoders" in raw:
+        raw["slide_encoders"] = tuple(SlideEncoderConfig(**(e if isinstance(e, dict) else {"name": e}))
+                                      for e in raw["slide_encoders"] or [])
     raw["extensions"] = tuple(raw.get("extensions") or ())
     return _validate(Settings(**raw, root=str(path.parent)))
 

@@ -44,6 +44,14 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch_encoder_ckpt_path", default=None)
     p.add_argument("--slide_encoder", default=None)
     p.add_argument("--feat_batch_size", type=int, default=64)
+    p.add_argument("--max_upsampling", type=float, default=2.0,
+                   help="refuse patching above this times the scan's magnification (too_low_resolution)")
+    p.add_argument("--fast_cpu", action="store_true",
+                   help="CPU only: BatchNorm folded, bf16, channels-last (features within cosine 0.999)")
+    p.add_argument("--fast_read", action="store_true",
+                   help="decode JPEG tiles at the needed scale instead of full size + bicubic (cosine 0.999)")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="run the model code shipped with a local slide-encoder checkpoint (TITAN, PRISM)")
     p.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "i/n", set for the per-device processes
 
 
@@ -108,19 +116,23 @@ def run_batch(args) -> int:
                                        min_tissue_proportion=args.min_tissue_proportion,
                                        dump_patches=args.dump_patches, dump_patches_max=args.dump_patches_max,
                                        dump_patches_format=args.dump_patches_format,
-                                       dump_patches_jpeg_quality=args.dump_patches_jpeg_quality)
+                                       dump_patches_jpeg_quality=args.dump_patches_jpeg_quality,
+                                       max_upsampling=args.max_upsampling)
         if args.task in ("feat", "all"):
             if args.slide_encoder:
                 from .slide_encoder_models import encoder_factory as slide_factory
 
-                processor.run_slide_feature_extraction_job(slide_factory(args.slide_encoder), coords_dir, device,
-                                                           batch_limit=args.feat_batch_size,
-                                                           patch_encoder_ckpt_path=args.patch_encoder_ckpt_path)
+                remote = {"trust_remote_code": True} if args.trust_remote_code else {}
+                processor.run_slide_feature_extraction_job(slide_factory(args.slide_encoder, **remote), coords_dir,
+                                                           device, batch_limit=args.feat_batch_size,
+                                                           patch_encoder_ckpt_path=args.patch_encoder_ckpt_path,
+                                                           fast_cpu=args.fast_cpu, fast_read=args.fast_read)
             else:
                 from .patch_encoder_models import encoder_factory
 
                 enc = encoder_factory(args.patch_encoder, weights_path=args.patch_encoder_ckpt_path)
-                processor.run_patch_feature_extraction_job(coords_dir, enc, device, batch_limit=args.feat_batch_size)
+                processor.run_patch_feature_extraction_job(coords_dir, enc, device, batch_limit=args.feat_batch_size,
+                                                           fast_cpu=args.fast_cpu, fast_read=args.fast_read)
     except Exception as e:  # noqa: BLE001  without --skip_errors the first failure stops the run
         print(f"stopped: {e}\n(use --skip_errors to carry on past failing slides)", file=sys.stderr)
         return 1

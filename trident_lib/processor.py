@@ -33,7 +33,7 @@ import torch
 from .errors import SlideError
 from .extraction import extract_patch_features, extract_slide_features
 from .io import write_json
-from .mpp import format_mag
+from .mpp import MAX_UPSAMPLING, format_mag
 from .readers import SUPPORTED_EXTENSIONS, WSI, load_wsi, slide_extension
 from .segmentation import segment_tissue
 
@@ -364,7 +364,7 @@ class Processor:
     def run_patching_job(self, target_magnification: int, patch_size: int, overlap: int = 0, saveto: str | None = None,
                          visualize: bool = True, min_tissue_proportion: float = 0.0, dump_patches: bool = False,
                          dump_patches_max: int = 0, dump_patches_format: str = "png",
-                         dump_patches_jpeg_quality: int = 90) -> str:
+                         dump_patches_jpeg_quality: int = 90, max_upsampling: float = MAX_UPSAMPLING) -> str:
         saveto = os.path.join(self.job_dir, saveto or
                               f"{format_mag(target_magnification)}x_{patch_size}px_{overlap}px_overlap")
         self.save_config(os.path.join(saveto, "_config_coords.json"),
@@ -376,7 +376,8 @@ class Processor:
             if not os.path.exists(mask):
                 raise FileNotFoundError(f"{wsi.name}: no tissue contours at {mask}; run the segmentation job first.")
             path = wsi.extract_tissue_coords(target_magnification, patch_size, saveto, overlap=overlap,
-                                             min_tissue_proportion=min_tissue_proportion, mask=mask)
+                                             min_tissue_proportion=min_tissue_proportion, mask=mask,
+                                             max_upsampling=max_upsampling)
             if visualize:
                 wsi.visualize_coords(path, os.path.join(saveto, "visualization"))
             if dump_patches:
@@ -385,14 +386,17 @@ class Processor:
 
         def settings_for(wsi):
             return {"target_magnification": target_magnification, "patch_size": patch_size, "overlap": overlap,
-                    "min_tissue_proportion": min_tissue_proportion,
+                    "min_tissue_proportion": min_tissue_proportion, "max_upsampling": max_upsampling,
                     "contours": self._input_hash(wsi, self._contours_path(wsi))}
 
         self._run_stage("patching", lambda w: self._coords_path(saveto, w), "coords", work, settings_for)
         return os.path.abspath(saveto)
 
     def run_patch_feature_extraction_job(self, coords_dir: str, patch_encoder, device: str, saveas: str = "h5",
-                                         batch_limit: int = 512, saveto: str | None = None) -> str:
+                                         batch_limit: int = 512, saveto: str | None = None, fast_cpu: bool = False,
+                                         fast_read: bool = False) -> str:
+        """``fast_cpu`` and ``fast_read`` trade exactness for speed (features within cosine 0.999); off, the
+        features are TRIDENT's."""
         coords_dir = os.path.join(self.job_dir, coords_dir)
         saveto = saveto or os.path.join(coords_dir, f"features_{patch_encoder.enc_name}")
         self.save_config(os.path.join(saveto, "_config_feats.json"),
@@ -404,12 +408,14 @@ class Processor:
             if not os.path.exists(coords):
                 raise FileNotFoundError(f"{wsi.name}: no coordinates at {coords}; run the patching job first.")
             extract_patch_features(wsi, patch_encoder, coords, saveto, device=device, saveas=saveas,
-                                   batch_limit=batch_limit, num_workers=self.max_workers)
+                                   batch_limit=batch_limit, num_workers=self.max_workers, fast_cpu=fast_cpu,
+                                   fast_read=fast_read)
 
         encoder_id = _model_id(patch_encoder, device)
 
         def settings_for(wsi):
-            return {"patch_encoder": encoder_id, "coords": self._input_hash(wsi, self._coords_path(coords_dir, wsi))}
+            return {"patch_encoder": encoder_id, "fast_cpu": fast_cpu, "fast_read": fast_read,
+                    "coords": self._input_hash(wsi, self._coords_path(coords_dir, wsi))}
 
         kind = "features" if saveas == "h5" else "pt"
         self._run_stage(f"features_{patch_encoder.enc_name}", lambda w: os.path.join(saveto, f"{w.name}.{saveas}"),
@@ -423,7 +429,8 @@ class Processor:
 
     def run_slide_feature_extraction_job(self, slide_encoder, coords_dir: str, device: str = "cuda",
                                          batch_limit: int = 512, saveas: str = "h5", saveto: str | None = None,
-                                         patch_encoder_ckpt_path: str | None = None) -> str:
+                                         patch_encoder_ckpt_path: str | None = None, fast_cpu: bool = False,
+                                         fast_read: bool = False) -> str:
         """Slide embeddings; the patch features they need are extracted first (with the patch encoder's
         weights from ``patch_encoder_ckpt_path`` when given), or reused when current."""
         from .patch_encoder_models import encoder_factory as patch_encoder_factory
@@ -433,7 +440,7 @@ class Processor:
         # Always run: it skips the features whose settings are current and redoes the others.
         features_dir = self.run_patch_feature_extraction_job(
             coords_dir, patch_encoder_factory(patch_name, weights_path=patch_encoder_ckpt_path), device,
-            batch_limit=batch_limit)
+            batch_limit=batch_limit, fast_cpu=fast_cpu, fast_read=fast_read)
         saveto = saveto or os.path.join(self.job_dir, coords_dir, f"slide_features_{slide_encoder.enc_name}")
         self.save_config(os.path.join(saveto, "_config_slide_features.json"),
                          {"slide_encoder": slide_encoder.enc_name, "patch_encoder": patch_name, "device": device,
