@@ -376,16 +376,61 @@ def _cohort_embeddings_asset(settings: Settings, se):
               code_version=f"cohort-{LIB}", description=f"One row per slide: its {se.name} embedding.")
     def cohort_embeddings(context: dg.AssetExecutionContext,
                           trident_io: dg.ResourceParam[TridentIOManager]) -> pd.DataFrame:
+        def rows(keys):
+            found = trident_io.read_existing(["slide_embeddings", se.name], keys, pe.coords_dir)
+            return pd.DataFrame([{"slide": k, "status": status_of(f.provenance),
+                                  **{f"e{i}": float(v) for i, v in enumerate(f.features)}} for k, f in found.items()])
+
+        table, reread = refresh_table(context, trident_io, [upstream], rows)
         keys = context.instance.get_dynamic_partitions("slides")
-        found = trident_io.read_existing(["slide_embeddings", se.name], keys, pe.coords_dir)
-        rows = [{"slide": k, "status": status_of(f.provenance),
-                 **{f"e{i}": float(v) for i, v in enumerate(f.features)}} for k, f in found.items()]
-        table = pd.DataFrame(rows)
-        context.add_output_metadata({"slides": len(table), "missing": len(keys) - len(table),
+        context.add_output_metadata({"slides": len(table), "missing": len(keys) - len(table), "slides_read": reread,
                                      "preview": markdown_table(table.iloc[:, :6]) if len(table) else "empty"})
         return table
 
     return cohort_embeddings
+
+
+def refresh_table(context, trident_io: TridentIOManager, upstream: list[dg.AssetKey], rows: Callable,
+                  redo: Callable | None = None) -> tuple[pd.DataFrame, int]:
+    """A cohort table whose rows are re-made only for slides whose upstream outputs were materialized since
+    the table's last build, slides new to the cohort, and rows ``redo`` selects; the rest comes from the last
+    build. One refresh after a new slide reads that slide, not the whole cohort. Returns the table and the
+    number of slides read."""
+    keys = context.instance.get_dynamic_partitions("slides")
+    records = context.instance.fetch_materializations(context.asset_key, limit=1).records
+    last = records[0] if records else None
+    same_code = last and last.asset_materialization.tags.get("dagster/code_version") == \
+        context.assets_def.code_versions_by_key.get(context.asset_key)
+    previous = trident_io.read_table(list(context.asset_key.path)) if same_code else None
+    if previous is None or "slide" not in previous:
+        changed = set(keys)
+    else:
+        changed = changed_slides(context.instance, upstream, last.storage_id) | (set(keys) - set(previous["slide"]))
+        if redo is not None and len(previous):
+            changed |= set(previous.loc[redo(previous), "slide"])
+        previous = previous[previous["slide"].isin(set(keys) - changed)]
+    fresh = rows(sorted(changed & set(keys)) if previous is not None else keys)
+    table = pd.concat([previous, fresh], ignore_index=True) if previous is not None and len(previous) else fresh
+    if len(table):
+        order = {k: i for i, k in enumerate(keys)}
+        table = table.sort_values("slide", key=lambda c: c.map(lambda k: order.get(k, len(order)))).reset_index(
+            drop=True)
+    return table, len(changed)
+
+
+def changed_slides(instance: dg.DagsterInstance, asset_keys: list[dg.AssetKey], after_storage_id: int) -> set[str]:
+    """Slides with a materialization of any of ``asset_keys`` after ``after_storage_id`` (paged queries)."""
+    out = set()
+    for key in asset_keys:
+        cursor = None
+        while True:
+            page = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, after_storage_id=after_storage_id),
+                                                   limit=5000, cursor=cursor)
+            out |= {r.partition_key for r in page.records if r.partition_key}
+            if not page.has_more:
+                break
+            cursor = page.cursor
+    return out
 
 
 def qc_table(settings: Settings, trident_io: TridentIOManager, keys: list[str], instance=None) -> pd.DataFrame:
@@ -422,14 +467,16 @@ def qc_table(settings: Settings, trident_io: TridentIOManager, keys: list[str], 
 
 
 def failed_run_errors(instance: dg.DagsterInstance, keys: list[str]) -> dict[str, str]:
-    """The error message of each slide's latest run, when that run failed (the sensor's runs are one slide
-    each and tagged with it)."""
-    out = {}
-    for k in keys:
-        records = instance.get_run_records(dg.RunsFilter(tags={"dagster/partition": k}), limit=1)
-        if not records or records[0].dagster_run.status != dg.DagsterRunStatus.FAILURE:
+    """The error message of each of ``keys`` whose latest single-slide run failed (one query for the runs)."""
+    wanted, out, done = set(keys), {}, set()
+    for record in instance.get_run_records(dg.RunsFilter(job_name="process_slides"), limit=2000):  # newest first
+        k = record.dagster_run.tags.get("dagster/partition")
+        if k not in wanted or k in done:
             continue
-        run_id = records[0].dagster_run.run_id
+        done.add(k)
+        if record.dagster_run.status != dg.DagsterRunStatus.FAILURE:
+            continue
+        run_id = record.dagster_run.run_id
         failures = instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE) or \
             instance.all_logs(run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
         out[k] = failures[-1].message if failures else "its run failed"
@@ -446,9 +493,11 @@ def _qc_asset(settings: Settings):
               code_version=f"qc-{LIB}", automation_condition=dg.AutomationCondition.eager(),
               description="Per slide: status, tissue area, patch counts; the table to review a cohort by.")
     def cohort_qc(context: dg.AssetExecutionContext, trident_io: dg.ResourceParam[TridentIOManager]) -> pd.DataFrame:
-        table = qc_table(settings, trident_io, context.instance.get_dynamic_partitions("slides"), context.instance)
+        table, reread = refresh_table(context, trident_io, [dg.AssetKey(d) for d in deps],
+                                      lambda keys: qc_table(settings, trident_io, keys, context.instance),
+                                      redo=lambda t: t["status"].isin(["not_processed", "error", "arriving"]))
         context.add_output_metadata({"slides": len(table), "passing": int(table["qc_pass"].sum()) if len(table) else 0,
-                                     "table": markdown_table(table) if len(table) else "empty"})
+                                     "slides_read": reread, "table": markdown_table(table) if len(table) else "empty"})
         return table
 
     return cohort_qc

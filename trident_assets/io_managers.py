@@ -157,6 +157,11 @@ class TridentIOManager(ConfigurableIOManager):
             fs.get_file(path, local)
             return _read_local(local, asset_head)
 
+    def read_table(self, asset_path: list[str]) -> pd.DataFrame | None:
+        """A cohort table as last written, or None."""
+        path = self.file_for(asset_path, None, None)
+        return self._read(path, asset_path[0]) if self._fs()[0].exists(path) else None
+
     def read_existing(self, asset_path: list[str], slides: list[str], coords_dir: str | None) -> dict:
         """The outputs that exist and read cleanly (for cohort tables; missing slides are skipped)."""
         fs, _ = self._fs()
