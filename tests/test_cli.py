@@ -65,3 +65,17 @@ def test_doctor(tmp_path):
     assert result.returncode == 0
     assert "OpenSlide 4" in result.stdout and "efficientnet_lite0" in result.stdout
     assert "efficientnet-lite0-57934424.pth" in result.stdout
+
+
+def test_batch_flags_reach_the_processor(tmp_path, slides):
+    wsis = tmp_path / "wsis"
+    wsis.mkdir()
+    shutil.copy(slides["aperio_20x"], wsis / "a.svs")
+    refused = cli(["batch", "--task", "all", "--wsi_dir", str(wsis), "--job_dir", str(tmp_path / "job40"),
+                   "--mag", "40", "--max_upsampling", "1.5"], os.environ)
+    assert refused.returncode == 1 and "too low for patches at 40x" in refused.stdout + refused.stderr
+    fast = cli(["batch", "--task", "all", "--wsi_dir", str(wsis), "--job_dir", str(tmp_path / "job"),
+                "--feat_batch_size", "16", "--fast_cpu", "--fast_read"], os.environ)
+    assert fast.returncode == 0, fast.stderr[-3000:]
+    states = "".join(p.read_text() for p in (tmp_path / "job" / "wsi_states").glob("*.json"))
+    assert '"fast_cpu": true' in states and '"fast_read": true' in states
