@@ -19,8 +19,8 @@ from trident_lib import load_wsi
 from trident_lib.contours import empty_gdf
 from trident_lib.devices import lease_device
 from trident_lib.errors import SlideError, TooLowResolutionError
-from trident_lib.model_cache import cached_model
 from trident_lib.extraction import feature_attrs, patch_features, slide_embedding
+from trident_lib.model_cache import cached_model
 from trident_lib.patch_encoder_models import encoder_factory, encoder_spec
 from trident_lib.patching import draw_coords, max_plausible_patches, tissue_coords
 from trident_lib.segmentation import segment_tissue
@@ -132,9 +132,11 @@ def single_metadata(results: dict, make: Callable[[str, object], dict]) -> dict:
 # -- assets ---------------------------------------------------------------------------------------------
 
 def build_assets(settings: Settings) -> list:
-    eager = dg.AutomationCondition.eager()
+    # Per-slide assets carry no automation condition: every sensor run and backfill covers all of a slide's
+    # stages, and evaluating a condition over every slide partition costs seconds per tick at 10,000 slides.
+    # The automation sensor keeps the cohort tables current.
     backfill = dg.BackfillPolicy.multi_run(max_partitions_per_run=settings.slides_per_run)
-    common = dict(partitions_def=slides, io_manager_key="trident_io", automation_condition=eager,
+    common = dict(partitions_def=slides, io_manager_key="trident_io",
                   backfill_policy=backfill, retry_policy=RETRY)
 
     @dg.asset(**common, group_name="slides", code_version=f"slide-file-{LIB}", kinds={"file"},
