@@ -272,7 +272,7 @@ def _features_asset(settings: Settings, pe, common):
     key = dg.AssetKey(["patch_features", pe.name])
     coords_key = dg.AssetKey(["patch_coords", pe.coords_dir])
     version = version_of(LIB, pe.name, pe.coords_dir, weights_fingerprint(_encoder_weights(pe.name, pe.weights_path)),
-                         pe.fast_cpu)
+                         pe.fast_cpu, pe.fast_read)
 
     @dg.asset(**common, key=key, group_name="features", code_version=version, kinds={"hdf5", "pytorch"},
               pool="gpu", op_tags=GPU_TAGS,
@@ -290,7 +290,7 @@ def _features_asset(settings: Settings, pe, common):
                                  lambda: encoder_factory(pe.name, weights_path=pe.weights_path))
             load_seconds = time.perf_counter() - t0
             prov = {"encoder": pe.name, "weights_sha256": encoder.weights_sha256 or "none", "device": device,
-                    "fast_cpu": pe.fast_cpu and device == "cpu"}
+                    "fast_cpu": pe.fast_cpu and device == "cpu", "fast_read": pe.fast_read}
 
             def empty(k, c: Coords, status: dict):
                 return Features(np.zeros((0, encoder.embedding_dim), np.float32), c.coords, c.attrs,
@@ -302,7 +302,7 @@ def _features_asset(settings: Settings, pe, common):
                 t, stats = time.perf_counter(), {}
                 with inbox.open(slide_file[k]) as wsi:
                     feats = patch_features(wsi, encoder, c.coords, c.attrs, device, pe.batch_size, stats=stats,
-                                           fast_cpu=pe.fast_cpu)
+                                           fast_cpu=pe.fast_cpu, fast_read=pe.fast_read)
                 secs = time.perf_counter() - t
                 return Features(feats, c.coords, c.attrs, feature_attrs(encoder, k, pe.coords_dir),
                                 {**prov, "status": "ok", "seconds": round(secs, 3), "blank_tiles": stats["blank_tiles"],

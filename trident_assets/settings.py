@@ -50,6 +50,7 @@ class PatchEncoderConfig:
     weights_path: str | None = None
     batch_size: int = 64
     fast_cpu: bool = False  # on CPU: BatchNorm folded, bf16, channels-last (features within cosine 0.999)
+    fast_read: bool = False  # JPEG tiles decoded at the size needed, no bicubic resize (pixels not TRIDENT's)
 
     @property
     def coords_dir(self) -> str:

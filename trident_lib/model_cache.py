@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 from .weights import file_checksum
 
