@@ -16,8 +16,8 @@ import torch
 from common import cached_slide, peak_rss_mib, save
 
 from trident_lib import load_wsi
-from trident_lib.data import WSIPatcherDataset, make_loader
-from trident_lib.extraction import embed_batches, patch_features, prepare_encoder
+from trident_lib.data import WSIPatcherDataset
+from trident_lib.extraction import embed_batches, patch_features, patch_loader, prepare_encoder
 from trident_lib.patch_encoder_models import encoder_factory
 from trident_lib.patching import patcher_from_coords, tissue_coords
 from trident_lib.segmentation_models import segmentation_model_factory
@@ -38,9 +38,9 @@ def model_only(encoder, tensors, fast):
 
 
 def read_only(wsi, coords, attrs, transform):
-    loader = make_loader(WSIPatcherDataset(patcher_from_coords(wsi, coords, attrs), transform), BATCH, None, "cpu")
+    loader, to_input = patch_loader(wsi, coords, attrs, transform, BATCH)  # patch_features' data path
     t0 = time.perf_counter()
-    n = sum(len(x) for x, _ in loader)
+    n = sum(len(to_input(x) if to_input else x) for x, *_ in loader)
     return n / (time.perf_counter() - t0)
 
 

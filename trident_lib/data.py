@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from torchvision.transforms.v2 import functional as F2
 
 
 class WSIPatcherDataset(Dataset):
@@ -22,6 +25,74 @@ class WSIPatcherDataset(Dataset):
     def __getitem__(self, index):
         tile, x, y = self.patcher[index]
         return self.transform(tile), (x, y)
+
+
+class BatchToTensor:
+    """torchvision's ToTensor then Normalize on a (B, 3, H, W) uint8 batch, on whatever device it is: the same
+    float operations in the same order as per image, so the same bits. On CPU one image at a time, which stays
+    in cache (twice as fast as whole-batch operations here)."""
+
+    def __init__(self, normalize: T.Normalize):
+        self.mean = torch.as_tensor(normalize.mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.as_tensor(normalize.std, dtype=torch.float32).view(-1, 1, 1)
+        # A tensor divisor: CUDA multiplies by the reciprocal of a Python number, which can differ in the last bit.
+        self.scale = torch.tensor(255.0)
+
+    def __call__(self, batch: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out``: the previous batch's result to refill, when it is no longer needed (fresh CPU memory costs
+        more in page faults than the arithmetic)."""
+        dev = batch.device
+        mean, std, scale = self.mean.to(dev), self.std.to(dev), self.scale.to(dev)
+        if out is None or out.shape != batch.shape or out.device != dev or out.stride() != batch.stride():
+            out = torch.empty_like(batch, dtype=torch.float32)  # same layout: a plain copy
+        step = 1 if dev.type == "cpu" else max(len(batch), 1)
+        for i in range(0, len(batch), step):
+            o = out[i:i + step]
+            o.copy_(batch[i:i + step])  # exact, and faster than a converting division
+            o.div_(scale).sub_(mean).div_(std)
+        return out
+
+
+class BatchTransform:
+    """An encoder's Resize and CenterCrop steps, then ToTensor + Normalize, on a (B, H, W, 3) uint8 batch on its
+    device. Torch's resampling is within one grey level of PIL's, not identical: for the fast read path."""
+
+    def __init__(self, steps, normalize: T.Normalize):
+        self.steps = steps
+        self.to_tensor = BatchToTensor(normalize)
+
+    def __call__(self, batch: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        batch = batch.permute(0, 3, 1, 2)  # (B, H, W, 3) as channels-last NCHW: torch's fastest uint8 resize
+        for step in self.steps:
+            if isinstance(step, T.Resize):
+                size = [step.size] if isinstance(step.size, int) else list(step.size)
+                batch = F2.resize(batch, size, step.interpolation, step.max_size, antialias=True)
+            else:
+                batch = F2.center_crop(batch, list(step.size))
+        return self.to_tensor(batch.contiguous(), out)
+
+
+def split_to_tensor(transform, in_batch: bool = False):
+    """(per_image, per_batch) for the usual [Resize, CenterCrop,] ToTensor, Normalize: per image, the PIL steps
+    then (3, H, W) uint8, or with ``in_batch`` no step and (H, W, 3) uint8; per batch, on the model's device, the
+    rest (a quarter of the bytes to move between processes and to the GPU). (transform, None) for any other."""
+    steps = list(getattr(transform, "transforms", []))
+    if (len(steps) < 2 or type(steps[-2]) is not T.ToTensor or type(steps[-1]) is not T.Normalize
+            or not all(type(t) in (T.Resize, T.CenterCrop) for t in steps[:-2])):
+        return transform, None
+    if in_batch:
+        return _Uint8(None), BatchTransform(steps[:-2], steps[-1])
+    return _Uint8(T.Compose(steps[:-2])), BatchToTensor(steps[-1])
+
+
+class _Uint8:
+    def __init__(self, pil_steps):
+        self.pil_steps = pil_steps
+
+    def __call__(self, img) -> torch.Tensor:
+        if self.pil_steps is None:
+            return torch.from_numpy(np.array(img))
+        return torch.from_numpy(np.asarray(self.pil_steps(img)).transpose(2, 0, 1).copy())
 
 
 def default_num_workers(device: str = "cpu") -> int:

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from .data import WSIPatcherDataset, make_loader, resolve_device
+from .data import WSIPatcherDataset, make_loader, resolve_device, split_to_tensor
 from .fastpath import fast_cpu_variant
 from .io import atomic_path, read_coords_h5, read_features_h5, save_features_h5
 from .patching import patcher_from_coords
@@ -31,13 +31,16 @@ def prepare_encoder(encoder: torch.nn.Module, device: torch.device, fast_cpu: bo
     return encoder.to(device).eval()
 
 
-def embed_batches(encoder, batches, device: torch.device, fast_cpu: bool = False) -> np.ndarray:
-    """Run the encoder over an iterable of (images, ...) batches; (N, D) float32."""
-    out = []
+def embed_batches(encoder, batches, device: torch.device, fast_cpu: bool = False, to_input=None) -> np.ndarray:
+    """Run the encoder over an iterable of (images, ...) batches; (N, D) float32. ``to_input`` turns a batch into
+    the model's input once on the device (patch_loader's uint8 batches)."""
+    out, inputs = [], None
     precision = getattr(encoder, "precision", torch.float32)
     with torch.inference_mode(), autocast_context(device, precision, fast_cpu):
         for imgs, *_ in batches:
             imgs = imgs.to(device, non_blocking=True)
+            if to_input is not None:
+                imgs = inputs = to_input(imgs, inputs)  # refills the last batch's input, used up by now
             if fast_cpu and device.type == "cpu":
                 imgs = imgs.contiguous(memory_format=torch.channels_last)
             out.append(encoder(imgs).float().cpu())
@@ -56,23 +59,36 @@ class _TileDataset(WSIPatcherDataset):
         return img, xy, getattr(self.patcher.wsi, "blank_tiles", 0) - before
 
 
+def patch_loader(wsi, coords: np.ndarray, attrs: dict, transform, batch_size: int, num_workers: int | None = None,
+                 device: str = "cpu", fast_read: bool = False):
+    """(loader, to_input): the data path behind ``patch_features``. The loader reads, resizes and transforms
+    patches and yields batches of (patches, (x, y), blank-tile counts); ``to_input`` (None when the loader
+    already gives the model's input) finishes a batch on the model's device: uint8 to normalised float."""
+    patcher = patcher_from_coords(wsi, coords, attrs, pil=True, fast_read=fast_read)
+    # The fast path also resizes on the model's device (torch's resampling: not bit-identical to PIL's).
+    per_patch, to_input = split_to_tensor(transform, in_batch=patcher.fast_read)
+    dataset = _TileDataset(patcher, per_patch)
+    return make_loader(dataset, batch_size, num_workers, device), to_input
+
+
 def patch_features(wsi, patch_encoder, coords: np.ndarray, attrs: dict, device: str = "cpu",
                    batch_limit: int = 512, num_workers: int | None = None, fast_cpu: bool = False,
-                   stats: dict | None = None) -> np.ndarray:
+                   stats: dict | None = None, fast_read: bool = False) -> np.ndarray:
     """(N, D) float32 features of the listed patches: the one implementation behind every features output.
     Empty coordinates give (0, D) without running the model. ``stats`` (a dict) receives ``blank_tiles``:
-    patches read as blank because their tiles were corrupt."""
+    patches read as blank because their tiles were corrupt. ``fast_read`` decodes JPEG tiles at the reduced
+    size needed (see WSIPatcher) and resizes on the model's device: faster reading, pixels about one grey level
+    from the default's, features close (bench/bench_read.py) but not TRIDENT's."""
     dev = resolve_device(device)
     if stats is not None:
         stats["blank_tiles"] = 0
     if not len(coords):
         return np.zeros((0, getattr(patch_encoder, "embedding_dim", None) or 0), np.float32)
-    patcher = patcher_from_coords(wsi, coords, attrs, pil=True)
-    dataset = _TileDataset(patcher, patch_encoder.eval_transforms)
-    loader = make_loader(dataset, batch_limit, num_workers, device)
+    loader, to_input = patch_loader(wsi, coords, attrs, patch_encoder.eval_transforms, batch_limit, num_workers,
+                                    device, fast_read)
     blanks = []
     batches = ((imgs, blanks.append(int(b.sum()))) for imgs, _, b in loader)
-    features = embed_batches(prepare_encoder(patch_encoder, dev, fast_cpu), batches, dev, fast_cpu)
+    features = embed_batches(prepare_encoder(patch_encoder, dev, fast_cpu), batches, dev, fast_cpu, to_input)
     if stats is not None:
         stats["blank_tiles"] = sum(blanks)
     return features
@@ -81,14 +97,15 @@ def patch_features(wsi, patch_encoder, coords: np.ndarray, attrs: dict, device: 
 def extract_patch_features(wsi, patch_encoder, coords_path: str, save_features: str, device: str = "cuda:0",
                            saveas: str = "h5", batch_limit: int = 512, verbose: bool = False,
                            num_workers: int | None = None, fast_cpu: bool = False,
-                           provenance: dict | None = None) -> str:
+                           provenance: dict | None = None, fast_read: bool = False) -> str:
     """Features of every patch in ``coords_path``, saved to ``<save_features>/<slide>.h5`` (or ``.pt``)."""
     if saveas not in ("h5", "pt"):
         raise ValueError(f"saveas must be 'h5' or 'pt', got {saveas!r}")
     coords_path, save_features = os.fspath(coords_path), os.fspath(save_features)
     t0 = time.perf_counter()
     coords, attrs = read_coords_h5(coords_path)
-    features = patch_features(wsi, patch_encoder, coords, attrs, device, batch_limit, num_workers, fast_cpu)
+    features = patch_features(wsi, patch_encoder, coords, attrs, device, batch_limit, num_workers, fast_cpu,
+                              fast_read=fast_read)
     path = os.path.join(save_features, f"{wsi.name}.{saveas}")
     if saveas == "pt":
         with atomic_path(path) as tmp:

@@ -24,14 +24,17 @@ class WSIPatcher:
 
     Iterating yields ``(tile, x, y)``, or ``(x, y)`` when ``coords_only``; x, y are level-0 pixels.
     ``use_measured_mpp`` sizes patches from the slide's measured mpp instead of its nominal
-    magnification (TRIDENT issue #119); off by default for compatibility.
+    magnification (TRIDENT issue #119); off by default for compatibility. ``fast_read`` decodes JPEG tiles
+    directly at the reduced size a patch needs (2, 4 or 8 times smaller) instead of reading at full size and
+    resizing with bicubic interpolation: several times faster, pixels close to but not TRIDENT's; off by default.
     """
 
     def __init__(self, wsi: Any, patch_size: int, src_pixel_size: float | None = None,
                  dst_pixel_size: float | None = None, src_mag: int | None = None, dst_mag: int | None = None,
                  overlap: int = 0, mask: gpd.GeoDataFrame | None = None, coords_only: bool = False,
                  custom_coords: Any | None = None, threshold: float = 0.0, pil: bool = False,
-                 scan_order: Literal["row-major", "col-major"] = "row-major", use_measured_mpp: bool = False):
+                 scan_order: Literal["row-major", "col-major"] = "row-major", use_measured_mpp: bool = False,
+                 fast_read: bool = False):
         wsi._lazy_initialize()
         self.wsi = wsi
         self.patch_size_target = int(patch_size)
@@ -63,6 +66,10 @@ class WSIPatcher:
 
         self.level, _ = wsi.get_best_level_and_custom_downsample(self.downsample, LEVEL_TOLERANCE)
         self.read_size = round(self.patch_size_src / int(wsi.level_downsamples[self.level]))
+        self.fast_read = fast_read and wsi.can_read_reduced(self.level)  # else exactly the default path
+        # The largest DCT scaling that divides the read and still gives at least the patch size.
+        self.read_scale = next((s for s in (8, 4, 2)
+                                if self.read_size % s == 0 and self.read_size // s >= self.patch_size_target), 1)
         self.width, self.height = wsi.dimensions
         self.cols = math.ceil(self.width / self.step)
         self.rows = math.ceil(self.height / self.step)
@@ -120,8 +127,15 @@ class WSIPatcher:
         return self.get_tile_xy(col * self.step, row * self.step)
 
     def get_tile_xy(self, x: int, y: int):
-        tile = self.wsi.read_region((x, y), self.level, (self.read_size, self.read_size), read_as="pil")
-        if self.read_size != self.patch_size_target:
+        size = (self.read_size, self.read_size)
+        reduced = None
+        if self.fast_read:  # also at scale 1: whole-pixel positions where OpenSlide would interpolate
+            reduced = self.wsi.read_region_reduced((x, y), self.level, size, self.read_scale)
+        if reduced is not None:
+            tile = Image.fromarray(reduced)
+        else:
+            tile = self.wsi.read_region((x, y), self.level, size, read_as="pil")
+        if tile.size != (self.patch_size_target, self.patch_size_target):
             tile = tile.resize((self.patch_size_target, self.patch_size_target), Image.Resampling.BICUBIC)
         return (tile if self.pil else np.asarray(tile)), x, y
 
@@ -249,12 +263,13 @@ def visualize_coords(wsi, coords_path: str | os.PathLike, save_patch_viz: str | 
     return save_image(os.path.join(save_patch_viz, f"{wsi.name}.jpg"), img, quality=90)
 
 
-def patcher_from_coords(wsi, coords: np.ndarray, attrs: dict, pil: bool = False) -> WSIPatcher:
+def patcher_from_coords(wsi, coords: np.ndarray, attrs: dict, pil: bool = False,
+                        fast_read: bool = False) -> WSIPatcher:
     """A patcher that reads exactly the listed patches, sized as the coords attributes say."""
     src = 10.0 / float(attrs["level0_magnification"])
     dst = src * int(attrs["patch_size_level0"]) / int(attrs["patch_size"])
     return WSIPatcher(wsi, int(attrs["patch_size"]), src_pixel_size=src, dst_pixel_size=dst,
-                      custom_coords=coords, pil=pil)
+                      custom_coords=coords, pil=pil, fast_read=fast_read)
 
 
 def patcher_from_coords_file(wsi, coords_path: str, pil: bool = False) -> WSIPatcher:

@@ -395,8 +395,8 @@ class Processor:
     def run_patch_feature_extraction_job(self, coords_dir: str, patch_encoder, device: str, saveas: str = "h5",
                                          batch_limit: int = 512, saveto: str | None = None, fast_cpu: bool = False,
                                          fast_read: bool = False) -> str:
-        """``fast_cpu`` and ``fast_read`` trade exactness for speed (features within cosine 0.999); off, the
-        features are TRIDENT's."""
+        """``fast_cpu`` and ``fast_read`` trade exactness for speed (features close to the exact ones: see
+        bench/bench_features.py and bench/bench_read.py); off, the features are TRIDENT's."""
         coords_dir = os.path.join(self.job_dir, coords_dir)
         saveto = saveto or os.path.join(coords_dir, f"features_{patch_encoder.enc_name}")
         self.save_config(os.path.join(saveto, "_config_feats.json"),

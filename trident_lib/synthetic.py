@@ -37,6 +37,8 @@ class SlideSpec:
     tissue: list[Ellipse] = field(default_factory=list)
     holes: list[Ellipse] = field(default_factory=list)
     levels: int = 3
+    level_scale: int = 2  # downsample between consecutive levels (Aperio scanners write 4: 40x, 10x, 2.5x)
+    compression: str = "jpeg"  # or e.g. "zlib", for readers that only take JPEG tiles
     style: str = "aperio"  # "aperio" (description with MPP), "resolution" (TIFF tags only), "plain" (no mpp)
     seed: int = 0
 
@@ -77,12 +79,13 @@ def _description(spec: SlideSpec, w: int, h: int) -> str:
 
 
 def write_slide(path: str, spec: SlideSpec) -> str:
-    """Write ``spec`` as a pyramidal, JPEG-compressed, tiled TIFF (levels halve in size)."""
+    """Write ``spec`` as a pyramidal, JPEG-compressed (by default), tiled TIFF; each level is ``level_scale``
+    times smaller than the one above."""
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     tmp = path + ".part"
     with tifffile.TiffWriter(tmp, bigtiff=spec.width * spec.height > 2**31) as tif:
         for level in range(spec.levels):
-            ds = 2**level
+            ds = spec.level_scale**level
             w, h = max(1, spec.width // ds), max(1, spec.height // ds)
             if level and min(w, h) < TILE:
                 break
@@ -96,8 +99,9 @@ def write_slide(path: str, spec: SlideSpec) -> str:
             if spec.style == "resolution" and spec.mpp:
                 per_cm = 1e4 / (spec.mpp * ds)
                 kwargs = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
+            quality = {"level": 90} if spec.compression == "jpeg" else {}
             tif.write(tiles(), shape=(h, w, 3), dtype=np.uint8, tile=(TILE, TILE), photometric="rgb",
-                      compression="jpeg", compressionargs={"level": 90}, description=_description(spec, w, h),
+                      compression=spec.compression, compressionargs=quality, description=_description(spec, w, h),
                       subfiletype=1 if level else 0, metadata=None, **kwargs)
     os.replace(tmp, path)
     return path

@@ -168,6 +168,16 @@ class WSI(ABC):
         arr = self._read((int(location[0]), int(location[1])), level, (int(size[0]), int(size[1])))
         return Image.fromarray(arr) if read_as == "pil" else arr
 
+    def can_read_reduced(self, level: int) -> bool:
+        """Whether ``read_region_reduced`` works at this level (the fast read path; JPEG-tiled TIFF levels)."""
+        return False
+
+    def read_region_reduced(self, location: tuple[int, int], level: int, size: tuple[int, int],
+                            scale: int) -> np.ndarray | None:
+        """The region decoded at 1/``scale`` of ``size`` (scale 1, 2, 4 or 8), approximately, where the reader can
+        do so cheaply (JPEG tiles: libjpeg's DCT scaling); None where it cannot (read at full size instead)."""
+        return None
+
     def get_thumbnail(self, size: tuple[int, int]) -> Image.Image:
         """RGB thumbnail that fits in ``size``, read from the smallest level that is large enough."""
         self._lazy_initialize()
