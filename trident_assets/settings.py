@@ -136,13 +136,13 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"{path}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}.")
-    # A key left out keeps its default (as the template says); `slide_encoders: []` means none.
-    if "patch_encoders" in raw:
-        raw["patch_encoders"] = tuple(PatchEncoderConfig(**(e if isinstance(e, dict) else {"name": e}))
-                                      for e in raw["patch_encoders"] or [{"name": DEFAULT_ENCODER}])
-    if "slide_encoders" in raw:
-        raw["slide_encoders"] = tuple(SlideEncoderConfig(**(e if isinstance(e, dict) else {"name": e}))
-                                      for e in raw["slide_encoders"] or [])
+    # A key left out keeps its default: the default encoder, and the mean of the first patch encoder's
+    # features as the slide embedding; `slide_encoders: []` means none.
+    raw["patch_encoders"] = tuple(PatchEncoderConfig(**(e if isinstance(e, dict) else {"name": e}))
+                                  for e in raw.get("patch_encoders") or [{"name": DEFAULT_ENCODER}])
+    raw["slide_encoders"] = tuple(SlideEncoderConfig(**(e if isinstance(e, dict) else {"name": e}))
+                                  for e in raw["slide_encoders"] or []) if "slide_encoders" in raw else \
+        (SlideEncoderConfig(f"mean-{raw['patch_encoders'][0].name}"),)
     raw["extensions"] = tuple(raw.get("extensions") or ())
     return _validate(Settings(**raw, root=str(path.parent)))
 
