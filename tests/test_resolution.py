@@ -6,7 +6,6 @@ import time
 import warnings
 
 import dagster as dg
-import numpy as np
 import pandas as pd
 import pytest
 from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
