@@ -1,6 +1,7 @@
-"""Large cohorts: the cost of refreshing cohort_qc after one new slide, and of one automation evaluation, at
-1,000 and 10,000 slides. Slides' outputs are small real files (a GeoJSON square and its coords HDF5 per
-slide) recorded as materializations, so no slide is actually processed.
+"""Large cohorts: the cost of refreshing cohort_qc after one new slide, of one automation evaluation, and of
+the inbox sensor's ticks (N new files at once, then one more), at 1,000 and 10,000 slides. Slides' outputs
+are small real files (a GeoJSON square and its coords HDF5 per slide) recorded as materializations, so no
+slide is actually processed; the inbox holds N small files with slide names (the sensor does not open them).
 
     .venv/bin/python bench/bench_cohort_scale.py [--sizes 1000 10000]
 
@@ -48,6 +49,32 @@ def refresh(defs, instance) -> tuple[float, int]:
     return seconds, result.asset_materializations_for_node("cohort_qc")[0].metadata["slides_read"].value
 
 
+def sensor_ticks(defs, instance, inbox: Path, n: int) -> dict:
+    """First tick over n new files (partitions added as the daemon would), a quiet tick once they are older
+    than the listing margin, and a tick after one more file: time, runs requested, cursor size."""
+    from trident_assets.sensors import build_inbox_sensor
+
+    inbox.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (inbox / f"slide-{i:05d}.svs").write_bytes(b"x")
+    sensor = build_inbox_sensor(defs.resolve_job_def("process_slides"), 16, settle_seconds=0, late_seconds=1)
+    out, cursor = {}, None
+    for name in ("new_files", "quiet", "one_more"):
+        if name == "quiet":
+            time.sleep(1.5)
+        if name == "one_more":
+            (inbox / "late.svs").write_bytes(b"x")
+        t0 = time.perf_counter()
+        result = sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources,
+                                                definitions=defs))
+        for request in result.dynamic_partitions_requests:
+            instance.add_dynamic_partitions("slides", request.partition_keys)
+        out[name] = {"seconds": time.perf_counter() - t0, "runs": len(result.run_requests),
+                     "cursor_bytes": len(result.cursor)}
+        cursor = result.cursor
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
@@ -73,12 +100,16 @@ def main():
             t0 = time.perf_counter()
             dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=evaluation.cursor)
             auto_done = time.perf_counter() - t0
+        with dg.instance_for_test() as instance:
+            ticks = sensor_ticks(defs, instance, Path(settings.inbox), n)
         results[n] = {"full_refresh_s": full, "slides_read_full": read_full, "one_new_slide_refresh_s": one,
                       "slides_read_one": read_one, "automation_tick_nothing_materialized_s": auto_empty,
-                      "automation_tick_after_s": auto_done, "setup_s": setup}
+                      "automation_tick_after_s": auto_done, "setup_s": setup, "sensor": ticks}
         print(f"{n:>6} slides: full cohort_qc build {full:6.2f} s ({read_full} read, baseline); after one new slide "
               f"{one:6.2f} s ({read_one} read, {one / full:.2f} x); automation tick {auto_empty:6.2f} s with "
               f"nothing materialized, {auto_done:6.2f} s after")
+        print("        inbox sensor: " + "; ".join(f"{k} {v['seconds']:.2f} s, {v['runs']} runs, cursor "
+                                                    f"{v['cursor_bytes']} B" for k, v in ticks.items()))
     save("cohort_scale", results)
 
 

@@ -1,5 +1,6 @@
 """End to end: a real daemon and webserver; slides copied into the inbox slowly, or under a temporary name,
-become slide embeddings with one successful run each."""
+become slide embeddings with one successful run each; slides dropped together run together, and a slide
+replaced in place runs again."""
 
 import os
 import shutil
@@ -58,6 +59,30 @@ def test_inbox_to_embedding_with_daemon(tmp_path, slides):
         assert all(r["status"] in ("SUCCESS", "STARTED", "QUEUED", "STARTING") for r in runs), runs
         by_sensor = sorted(t.get("dagster/partition") for t in tags if t.get("dagster/sensor_name") == "inbox_sensor")
         assert by_sensor == sorted(["other.svs", files[0].name.removesuffix(".h5")])  # one run each, no retry
+
+        # Three slides dropped at once: one run over the three partitions. A slide replaced in place: one
+        # new run for it alone, and its embedding is rewritten.
+        batch = ("batch a.svs", "batch b.svs", "batch c.svs")
+        for name in batch:
+            shutil.copy(slides["aperio_20x"], inbox / f"{name}.part")
+        for name in batch:  # renamed together, so the sensor sees them in the same tick
+            os.replace(inbox / f"{name}.part", inbox / name)
+        before = (target / "other.svs.h5").stat().st_mtime
+        shutil.copy(slides["aperio_20x"], inbox / "other.svs.part")
+        os.replace(inbox / "other.svs.part", inbox / "other.svs")
+        deadline = time.time() + 420
+        while time.time() < deadline and not (len(list(target.glob("*.h5"))) == 5 and
+                                              (target / "other.svs.h5").stat().st_mtime > before):
+            assert daemon.poll() is None, (tmp_path / "services.log").read_text()[-3000:]
+            time.sleep(3)
+        assert len(list(target.glob("*.h5"))) == 5, (tmp_path / "services.log").read_text()[-5000:]
+        assert (target / "other.svs.h5").stat().st_mtime > before
+        runs = graphql(port, RUNS)["data"]["runsOrError"]["results"]
+        tags = [{t["key"]: t["value"] for t in r["tags"]} for r in runs if r["status"] == "SUCCESS"]
+        ranges = [(t["dagster/asset_partition_range_start"], t["dagster/asset_partition_range_end"])
+                  for t in tags if "dagster/asset_partition_range_start" in t]
+        assert len(ranges) == 1 and ranges[0][0].startswith("batch_a") and ranges[0][1].startswith("batch_c")
+        assert [t.get("dagster/partition") for t in tags].count("other.svs") == 2
 
         nodes = graphql(port, "{ assetNodes { assetKey { path } } }")["data"]["assetNodes"]
         paths = {"/".join(n["assetKey"]["path"]) for n in nodes}

@@ -1,6 +1,7 @@
 """The inbox waits for a slide to finish arriving: settle time, temporary names, folder-based slides."""
 
 import os
+import shutil
 import time
 
 import dagster as dg
@@ -110,3 +111,49 @@ def test_sensor_waits_reports_a_slide_that_never_settles_once(tmp_path):
         assert runs == ["s.svs", "m.mrxs"]  # once its data folder arrived and settled
         assert defs.resources["trident_io"].arriving() == {}
         assert len(cursor) < 2000
+
+
+def test_sensor_cursor_holds_only_recent_changes(tmp_path):
+    """The cursor forgets files that changed before its watermark, yet a file replaced in place, a copy that
+    keeps an old modification time (cp -p) and a link to an old file are still picked up."""
+    inbox, elsewhere = tmp_path / "inbox", tmp_path / "elsewhere"
+    inbox.mkdir()
+    elsewhere.mkdir()
+    defs = build_definitions(Settings(inbox=str(inbox), storage=str(tmp_path / "out")))
+    sensor = build_inbox_sensor(defs.resolve_job_def("process_slides"), 50, settle_seconds=0, late_seconds=1)
+    for i in range(40):
+        (inbox / f"old{i:02d}.svs").write_bytes(b"x" * 10)
+    (elsewhere / "archived.svs").write_bytes(b"a" * 10)
+    (elsewhere / "linked.svs").write_bytes(b"l" * 10)
+    os.utime(elsewhere / "archived.svs", (1e9, 1e9))  # scanned years ago
+    with dg.instance_for_test() as instance:
+        state = {"cursor": None}
+
+        def tick() -> list[str]:
+            result = sensor(dg.build_sensor_context(instance=instance, cursor=state["cursor"],
+                                                    resources=defs.resources, definitions=defs))
+            state["cursor"] = result.cursor
+            if result.dynamic_partitions_requests:
+                instance.add_dynamic_partitions("slides", result.dynamic_partitions_requests[0].partition_keys)
+            keys = sorted(instance.get_dynamic_partitions("slides"))
+            out = []
+            for r in result.run_requests:
+                start = r.partition_key or r.tags["dagster/asset_partition_range_start"]
+                end = r.partition_key or r.tags["dagster/asset_partition_range_end"]
+                out += keys[keys.index(start):keys.index(end) + 1]
+            return sorted(out)
+
+        assert len(tick()) == 40
+        time.sleep(1.5)
+        (inbox / "new.svs").write_bytes(b"n" * 10)
+        assert tick() == ["new.svs"]
+        assert "old00.svs" not in state["cursor"] and len(state["cursor"]) < 300  # the old files left it
+        assert tick() == []  # nothing changed: nothing runs again
+
+        time.sleep(1.5)
+        _grow(inbox / "old07.svs", b"y")  # replaced in place
+        shutil.copy2(elsewhere / "archived.svs", inbox / "archived.svs")  # keeps its 2001 modification time
+        (inbox / "linked.svs").symlink_to(elsewhere / "linked.svs")
+        assert tick() == ["archived.svs", "linked.svs", "old07.svs"]
+        assert tick() == []
+        assert len(state["cursor"]) < 300

@@ -34,6 +34,7 @@ class SlideFile:
     mtime: float
     mpp: float | None = None
     complete: bool = True  # False while a part of the slide is missing or still has a temporary name
+    changed: float = 0.0  # when the file last changed by the share's clock (ctime: copies cannot set it)
 
     @property
     def name(self) -> str:
@@ -69,14 +70,14 @@ def scan_inbox(root: str, extensions: tuple[str, ...] = ()) -> dict[str, SlideFi
     mpps = _slide_list_mpps(fs, base)
     found: dict[str, SlideFile] = {}
 
-    def add(path: str, size: int, mtime: float, complete: bool = True):
+    def add(path: str, size: int, mtime: float, changed: float, complete: bool = True):
         rel = os.path.relpath(path, base) if local else path[len(base):].lstrip("/")
         if wanted and not rel.lower().endswith(wanted):
             return
         key = slide_key(rel)
         url = path if local else f"{protocol}://{path}"
         mpp = mpps.get(rel, mpps.get(os.path.basename(rel)))
-        found[key] = SlideFile(key, url, rel, int(size), float(mtime), mpp, complete)
+        found[key] = SlideFile(key, url, rel, int(size), float(mtime), mpp, complete, float(changed))
 
     def full(dirpath: str, name: str, info: dict) -> str:
         return os.path.join(dirpath, name) if local else info["name"]
@@ -87,7 +88,7 @@ def scan_inbox(root: str, extensions: tuple[str, ...] = ()) -> dict[str, SlideFi
         if dirpath != base and dcm and len(dcm) == len(real):
             infos = [filenames[n] for n in filenames]  # a DICOM series folder is one slide
             add(dirpath, sum(i.get("size", 0) for i in infos), max(_mtime(i) for i in infos),
-                complete=len(real) == len(filenames))
+                max(_changed(i) for i in infos), complete=len(real) == len(filenames))
             dirnames.clear()
             continue
         mrxs = {n.rsplit(".", 1)[0]: n for n in real if n.lower().endswith(".mrxs")}
@@ -103,10 +104,11 @@ def scan_inbox(root: str, extensions: tuple[str, ...] = ()) -> dict[str, SlideFi
             info = filenames[n]
             if n in mrxs.values():  # the slide is the .mrxs file and its data folder: wait for both
                 data = posixpath.join(dirpath, n.rsplit(".", 1)[0])
-                size, mtime, complete = _tree(fs, data) if fs.isdir(data) else (0, 0.0, False)
-                add(full(dirpath, n, info), info.get("size", 0) + size, max(_mtime(info), mtime), complete)
+                size, mtime, changed, complete = _tree(fs, data) if fs.isdir(data) else (0, 0.0, 0.0, False)
+                add(full(dirpath, n, info), info.get("size", 0) + size, max(_mtime(info), mtime),
+                    max(_changed(info), changed), complete)
             else:
-                add(full(dirpath, n, info), info.get("size", 0), _mtime(info))
+                add(full(dirpath, n, info), info.get("size", 0), _mtime(info), _changed(info))
     return found
 
 
@@ -144,11 +146,25 @@ def _mtime(info: dict) -> float:
     return 0.0
 
 
-def _tree(fs, path: str) -> tuple[int, float, bool]:
-    """Total size, newest modification time, and whether no file in the folder has a temporary name."""
-    infos = fs.find(path, detail=True)
-    return (sum(i.get("size", 0) for i in infos.values()), max([_mtime(i) for i in infos.values()] or [0.0]),
-            not any(TEMP_NAME.search(posixpath.basename(p)) for p in infos))
+def _changed(info: dict) -> float:
+    """When a file last changed by the file server's clock. Locally that is the ctime (a link's own or its
+    target's, whichever is newer), which copies that keep the modification time (cp -p, rsync -a) still
+    move; elsewhere the store's last-modified time, which the server sets on upload."""
+    if "ino" not in info:  # not a local file
+        return _mtime(info)
+    stamp = info.get("created") or 0.0
+    if info.get("islink"):
+        stamp = max(stamp, os.lstat(info["name"]).st_ctime)
+    return stamp
+
+
+def _tree(fs, path: str) -> tuple[int, float, float, bool]:
+    """Total size, newest modification and change times, and whether no file in the folder has a
+    temporary name."""
+    infos = fs.find(path, detail=True).values()
+    return (sum(i.get("size", 0) for i in infos), max([_mtime(i) for i in infos] or [0.0]),
+            max([_changed(i) for i in infos] or [0.0]),
+            not any(TEMP_NAME.search(posixpath.basename(i["name"])) for i in infos))
 
 
 def _slide_list_mpps(fs, base: str) -> dict[str, float]:

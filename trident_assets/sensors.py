@@ -13,10 +13,12 @@ from .inbox import redact, settle
 from .io_managers import TridentIOManager
 
 ARRIVING_REPORT_SECONDS = 30 * 60  # a file still changing after this long is reported (once), not processed
+LATE_LISTING_SECONDS = 300  # how late a changed file may show in the inbox's listing and still be seen
 
 
 def build_inbox_sensor(job, slides_per_run: int, settle_seconds: float,
-                       give_up_seconds: float = ARRIVING_REPORT_SECONDS, running: bool = True) -> dg.SensorDefinition:
+                       give_up_seconds: float = ARRIVING_REPORT_SECONDS, running: bool = True,
+                       late_seconds: float = LATE_LISTING_SECONDS) -> dg.SensorDefinition:
     status = dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED
 
     @dg.sensor(job=job, minimum_interval_seconds=15, default_status=status,
@@ -24,22 +26,32 @@ def build_inbox_sensor(job, slides_per_run: int, settle_seconds: float,
                            "requests their runs in the same tick, several slides per run.")
     def inbox_sensor(context: dg.SensorEvaluationContext, inbox: Inbox,
                      trident_io: dg.ResourceParam[TridentIOManager]):
-        # The cursor: each requested slide's file fingerprint ("seen"), and the slides still arriving.
+        # The cursor stays small: files that changed before "since" (by the share's clock) were handled in
+        # earlier ticks, so it only holds the fingerprints of files changed after it, and slides arriving.
         cursor = json.loads(context.cursor) if context.cursor else {}
-        seen: dict[str, str] = cursor.get("seen", {})
+        since: float = cursor.get("since", 0.0)
+        recent: dict[str, str] = cursor.get("recent", cursor.get("seen", {}))  # "seen": the older cursor
         waiting: dict[str, list] = cursor.get("waiting", {})
-        found = inbox.scan()
+        found, now = inbox.scan(), time.time()
         # New and replaced files; a file that fails is not retried until it changes.
-        changed = {k: sf for k, sf in found.items() if seen.get(k) != sf.fingerprint}
-        ready, stuck = settle(changed, waiting, time.time(), settle_seconds, give_up_seconds)
+        changed = {k: sf for k, sf in found.items()
+                   if (sf.changed >= since or k in waiting) and recent.get(k) != sf.fingerprint}
+        ready, stuck = settle(changed, waiting, now, settle_seconds, give_up_seconds)
         for k in stuck:
             message = (f"{found[k].relpath}: still arriving after {give_up_seconds / 60:.0f} min (its size or "
                        f"modification time keeps changing, or a part of it is missing); not processed yet.")
             context.log.warning(message)
             trident_io.mark_arriving(k, message)
-        seen = {k: fp for k, fp in seen.items() if k in found}  # deleted files leave the cursor
-        seen.update({k: found[k].fingerprint for k in ready})
-        new_cursor = json.dumps({"seen": seen, "waiting": waiting}, separators=(",", ":"))
+        recent.update({k: found[k].fingerprint for k in ready})
+        # A listing can show a changed file late (NFS caches directories), so "since" trails the newest
+        # change seen by late_seconds, and catches up with it once that change is late_seconds old here.
+        newest = cursor.get("newest", [0.0, now])
+        if found and max(sf.changed for sf in found.values()) > newest[0]:
+            newest = [max(sf.changed for sf in found.values()), now]
+        since = max(since, newest[0] - (late_seconds if now - newest[1] < late_seconds else 0))
+        recent = {k: fp for k, fp in recent.items() if k in found and found[k].changed >= since}
+        new_cursor = json.dumps({"since": since, "newest": newest, "recent": recent, "waiting": waiting},
+                                separators=(",", ":"))
         if not ready:
             return dg.SensorResult(skip_reason=f"no new slides ready in {redact(inbox.path)} ({len(found)} known, "
                                                f"{len(waiting)} arriving)", cursor=new_cursor)
