@@ -309,6 +309,107 @@ def test_openmidnight_loads_dinov2_native_teacher_weights(tmp_path):
     assert got.shape == (2, d) and torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
 
+def dinov3_reference(sd: dict, x: torch.Tensor, heads: int, rope_dtype=torch.bfloat16) -> torch.Tensor:
+    """GenBio-PathFM from the facts: each RGB channel as a grey image through a DINOv3-style ViT (class token,
+    storage tokens, no position table; qkv without bias; SwiGLU w1 gate, w2 up, w3 down; LayerScale), normed
+    class tokens concatenated R, G, B. Rotary positions: pixel-centre coordinates scaled to [-1, 1] per axis,
+    angles 2 pi c / period (rows, then columns, repeated for the two halves), rotate-half, on the patch
+    tokens' queries and keys; computed in ``rope_dtype`` (GenBio: bf16, with q and k cast to it)."""
+    b, c, height, width = x.shape
+    g = x.reshape(b * c, 1, height, width)
+    t = F.conv2d(g, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=16)
+    rows, cols = t.shape[-2:]
+    t = t.flatten(2).transpose(1, 2)
+    dim, n = t.shape[-1], len(g)
+    t = torch.cat([sd["cls_token"].expand(n, -1, -1), sd["storage_tokens"].expand(n, -1, -1), t], 1)
+    prefix = 1 + sd["storage_tokens"].shape[1]
+    ys, xs = (torch.arange(0.5, k, dtype=rope_dtype) / k for k in (rows, cols))
+    coords = 2 * torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).flatten(0, 1) - 1
+    angles = (2 * math.pi * coords[:, :, None] / sd["rope_embed.periods"].to(rope_dtype)).flatten(1).tile(2)
+    cos, sin = angles.cos(), angles.sin()
+
+    def rope(q):
+        q = q.to(rope_dtype)
+        q1, q2 = q[..., prefix:, :].chunk(2, dim=-1)
+        rotated = q[..., prefix:, :] * cos + torch.cat([-q2, q1], -1) * sin
+        return torch.cat([q[..., :prefix, :], rotated], -2).float()
+
+    i = 0
+    while f"blocks.{i}.norm1.weight" in sd:
+        p = {k[len(f"blocks.{i}."):]: v for k, v in sd.items() if k.startswith(f"blocks.{i}.")}.__getitem__
+        h = F.layer_norm(t, (dim,), p("norm1.weight"), p("norm1.bias"), eps=1e-6)
+        q, k, v = F.linear(h, p("attn.qkv.weight")).unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(rope(q), rope(k), v).transpose(1, 2).flatten(2)
+        t = t + p("ls1.gamma") * F.linear(a, p("attn.proj.weight"), p("attn.proj.bias"))
+        h = F.layer_norm(t, (dim,), p("norm2.weight"), p("norm2.bias"), eps=1e-6)
+        ffn = F.silu(F.linear(h, p("mlp.w1.weight"), p("mlp.w1.bias"))) * F.linear(h, p("mlp.w2.weight"),
+                                                                                      p("mlp.w2.bias"))
+        t = t + p("ls2.gamma") * F.linear(ffn, p("mlp.w3.weight"), p("mlp.w3.bias"))
+        i += 1
+    return F.layer_norm(t[:, 0], (dim,), sd["norm.weight"], sd["norm.bias"], eps=1e-6).reshape(b, -1)
+
+
+GENBIO_HIDDEN = 256  # 96 x 4 x 2/3, rounded up to a multiple of 64
+
+
+def genbio_file(seed: int = 5) -> dict:
+    """model.pth as published: a flat dict with DINOv3's names, one input channel, 4 storage tokens, the
+    RoPE periods in bf16, a pre-training mask token."""
+    d, g = SMALL["embed_dim"], torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=None):
+        return torch.randn(*shape, generator=g) * (scale if scale is not None else 1 / math.sqrt(shape[-1]))
+
+    head_dim, hidden = d // SMALL["num_heads"], GENBIO_HIDDEN
+    sd = {"cls_token": r(1, 1, d, scale=0.1), "storage_tokens": r(1, 4, d, scale=0.1), "mask_token": r(1, d),
+          "patch_embed.proj.weight": r(d, 1, 16, 16, scale=1 / 16), "patch_embed.proj.bias": r(d, scale=0.1),
+          "rope_embed.periods": (100 ** (2 * torch.arange(head_dim // 4) / (head_dim // 2))).to(torch.bfloat16),
+          "norm.weight": 1 + r(d, scale=0.1), "norm.bias": r(d, scale=0.1)}
+    for b in range(SMALL["depth"]):
+        sd |= {f"blocks.{b}.{k}": v for k, v in {
+            "norm1.weight": 1 + r(d, scale=0.1), "norm1.bias": r(d, scale=0.1), "attn.qkv.weight": r(3 * d, d),
+            "attn.proj.weight": r(d, d), "attn.proj.bias": r(d, scale=0.1), "ls1.gamma": 1 + r(d, scale=0.1),
+            "norm2.weight": 1 + r(d, scale=0.1), "norm2.bias": r(d, scale=0.1), "mlp.w1.weight": r(hidden, d),
+            "mlp.w1.bias": r(hidden, scale=0.1), "mlp.w2.weight": r(hidden, d), "mlp.w2.bias": r(hidden, scale=0.1),
+            "mlp.w3.weight": r(d, hidden), "mlp.w3.bias": r(d, scale=0.1), "ls2.gamma": 1 + r(d, scale=0.1)}.items()}
+    return sd
+
+
+def test_genbio_pathfm_loads_its_model_pth(tmp_path):
+    sd = genbio_file()
+    torch.save(sd, tmp_path / "model.pth")
+    enc = encoder_factory("genbio-pathfm", weights_path=tmp_path / "model.pth", **SMALL)
+    x = image()
+    with torch.no_grad():
+        got, want = enc(x), dinov3_reference(sd, x, SMALL["num_heads"])
+        fp32_rope = dinov3_reference(sd, x, SMALL["num_heads"], rope_dtype=torch.float32)
+    assert got.shape == (2, 3 * SMALL["embed_dim"]) and torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert not torch.allclose(got, fp32_rope, atol=1e-4)  # GenBio's bf16 rotary embedding is kept
+
+
+def test_genbio_pathfm_architecture_matches_timms_dinov3_port():
+    # A third-party build of the same architecture: timm's DINOv3 port (Eva) with its own key conversion,
+    # which computes the rotary embedding in fp32, as our module does with rope_dtype=float32.
+    from functools import partial
+
+    from timm.models.eva import checkpoint_filter_fn
+
+    from trident_lib.patch_encoder_models.genbio import GenBioPathFM
+
+    sd = genbio_file(seed=6)
+    ours = GenBioPathFM(rope_dtype=torch.float32, **SMALL).eval()
+    ours.load_state_dict({k: v for k, v in sd.items() if k != "mask_token"}, strict=True)
+    ours.rope_embed.periods.copy_(100 ** (2 * torch.arange(6) / 12))  # timm computes the periods in fp32
+    eva = timm.create_model("vit_large_patch16_dinov3", pretrained=False, num_classes=0, global_pool="token",
+                            in_chans=1, swiglu_mlp=True, swiglu_align_to=64, mlp_ratio=GENBIO_HIDDEN / 96,
+                            norm_layer=partial(nn.LayerNorm, eps=1e-6), **SMALL).eval()
+    eva.load_state_dict(checkpoint_filter_fn(sd, eva), strict=True)
+    x = image(seed=2)
+    with torch.no_grad():
+        got, want = ours(x), eva(x.reshape(6, 1, 224, 224)).reshape(2, -1)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
 def test_resnet50_loads_timm_and_torchvision_files(tmp_path):
     import torchvision
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from . import conch_family, hf_family, timm_family  # noqa: F401  (register the specs)
+from . import conch_family, genbio, hf_family, timm_family  # noqa: F401  (register the specs)
 from .base import REGISTRY, BasePatchEncoder, CustomInferenceEncoder, EncoderSpec, eval_transforms, meta_device
 
 DEFAULT_ENCODER = "efficientnet_lite0"

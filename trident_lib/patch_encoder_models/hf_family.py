@@ -1,5 +1,5 @@
 """Encoders published as Hugging Face transformers models (DINOv2 / ViT families), and those that need
-packages or model code outside PyPI's mainstream (MUSK, KEEP, GenBio-PathFM, Gemma 4; CONCH: conch_family)."""
+packages or model code outside PyPI's mainstream (MUSK, KEEP, Gemma 4; CONCH: conch_family)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from ..errors import MissingDependencyError
 from ..weights import load_state_dict
-from .base import GENBIO, HALF, HIBOU, IMAGENET, EncoderSpec, register
+from .base import HALF, HIBOU, IMAGENET, EncoderSpec, register
 
 
 def _transformers():
@@ -137,7 +137,7 @@ def musk_image_embedding(model, x):
 
 
 def _from_folder_transformers(folder: str, **kwargs):
-    """KEEP, GenBio-PathFM and Gemma 4 ship their architecture with the checkpoint (config and code):
+    """KEEP and Gemma 4 ship their architecture with the checkpoint (config and code):
     loaded from the lab's local copy only, never fetched, and remote code runs only when the lab opts in."""
     tf = _transformers()
     trust = bool(kwargs.pop("trust_remote_code", False))
@@ -159,9 +159,6 @@ register(
     EncoderSpec("keep", 768, _from_folder_transformers, IMAGENET, interpolation="bicubic", precision="fp16",
                 hub_repo="Astaxanthin/KEEP", from_folder=True, forward=_pooled, requires=("transformers",),
                 licence="see model card"),
-    EncoderSpec("genbio-pathfm", 4608, _from_folder_transformers, GENBIO, crop=False, precision="bf16",
-                hub_repo="genbio-ai/genbio-pathfm", from_folder=True, forward=_pooled, patch_size=224,
-                requires=("transformers",), licence="see model card"),
     EncoderSpec("gemma4-e4b", 768, _from_folder_transformers, HALF, hub_repo="google/gemma-4-E4B",
                 from_folder=True, forward=_pooled, patch_size=224, precision="bf16", requires=("transformers",),
                 licence="Gemma terms"),
