@@ -602,6 +602,46 @@ def test_segmenter_and_slide_encoder_facts():
     assert enc.embedding_dim == 1024 and se.slide_to_patch_encoder_name["mean-hoptimus1"] == "hoptimus1"
 
 
+# -- FEATHER: a Hugging Face folder whose model code we do not run ------------------------------------------
+
+@pytest.mark.parametrize("name,in_dim", [("feather", 768), ("feather_uni_v2", 1536)])
+def test_feather_loads_its_published_folder(name, in_dim, tmp_path):
+    """MahmoodLab/abmil.base.*.pc108-24k: config.json (MIL-Lab's ABMIL config), model code, model.safetensors
+    with keys under "model." (patch_embed Linear + ReLU; gated attention a/b/c), classifier dropped."""
+    g = torch.Generator().manual_seed(9)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) / math.sqrt(shape[-1])
+
+    sd = {"model.patch_embed.0.weight": r(512, in_dim), "model.patch_embed.0.bias": r(512),
+          "model.global_attn.attention_a.0.weight": r(384, 512), "model.global_attn.attention_a.0.bias": r(384),
+          "model.global_attn.attention_b.0.weight": r(384, 512), "model.global_attn.attention_b.0.bias": r(384),
+          "model.global_attn.attention_c.weight": r(1, 384), "model.global_attn.attention_c.bias": r(1),
+          "model.classifier.weight": r(2, 512), "model.classifier.bias": r(2)}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "abmil", "architectures": ["ABMILModel"], "gate": True, "embed_dim": 512, "attn_dim": 384,
+        "num_fc_layers": 1, "dropout": 0.25, "in_dim": in_dim, "num_classes": 2, "num_heads": 1,
+        "auto_map": {"AutoConfig": "modeling_abmil.ABMILGatedBaseConfig", "AutoModel": "modeling_abmil.ABMILModel"}}))
+    (tmp_path / "modeling_abmil.py").write_text("raise RuntimeError('the model code ran')\n")
+    enc = se.encoder_factory(name, weights_path=tmp_path)
+    feats = torch.randn(1, 37, in_dim, generator=g)
+    h = F.relu(F.linear(feats, sd["model.patch_embed.0.weight"], sd["model.patch_embed.0.bias"]))
+    gate = torch.tanh(F.linear(h, sd["model.global_attn.attention_a.0.weight"], sd["model.global_attn.attention_a.0.bias"]))
+    gate = gate * torch.sigmoid(F.linear(h, sd["model.global_attn.attention_b.0.weight"],
+                                         sd["model.global_attn.attention_b.0.bias"]))
+    attention = torch.softmax(F.linear(gate, sd["model.global_attn.attention_c.weight"],
+                                       sd["model.global_attn.attention_c.bias"]).transpose(1, 2), dim=-1)
+    want = torch.bmm(attention, h).view(1, -1)  # (1, 512)
+    with torch.no_grad():
+        got = enc({"features": feats}, device="cpu")
+    assert got.shape == (1, 512) == want.shape and torch.allclose(got, want, atol=1e-5)
+    assert enc.weights_path == str(tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"in_dim": in_dim, "num_heads": 2}))
+    with pytest.raises(ValueError, match="2 attention heads"):
+        se.encoder_factory(name, weights_path=tmp_path)
+
+
 # -- doctor -----------------------------------------------------------------------------------------------
 
 def test_doctor_loads_what_it_finds(tmp_path, monkeypatch, capsys):

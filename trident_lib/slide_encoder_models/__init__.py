@@ -31,7 +31,7 @@ class SlideEncoderSpec:
     mag: float
     patch_size: int
     dim: int
-    kind: str  # "mean", "abmil", "remote_code" (model code shipped with the checkpoint) or "package"
+    kind: str  # "mean", "abmil", "feather", "remote_code" (model code shipped with the checkpoint) or "package"
     hub_repo: str | None = None
     package: str | None = None  # importable module (kind "package")
     precision: str = "fp32"
@@ -58,9 +58,11 @@ for _spec in [
     SlideEncoderSpec("madeleine", "conch_v1", 10, 256, 512, "package", hub_repo="MahmoodLab/madeleine",
                      package="madeleine", weight_files=("model_config.json",),
                      install="pip install git+https://github.com/mahmoodlab/MADELEINE"),
-    SlideEncoderSpec("feather", "conch_v15", 20, 512, 512, "abmil", hub_repo="MahmoodLab/feather"),
-    SlideEncoderSpec("feather_uni_v2", "uni_v2", 20, 256, 512, "abmil", hub_repo="MahmoodLab/feather"),
-    SlideEncoderSpec("abmil", "", 20, 256, 512, "abmil"),
+    SlideEncoderSpec("feather", "conch_v15", 20, 512, 512, "feather",
+                     hub_repo="MahmoodLab/abmil.base.conch_v15.pc108-24k"),
+    SlideEncoderSpec("feather_uni_v2", "uni_v2", 20, 256, 512, "feather",
+                     hub_repo="MahmoodLab/abmil.base.uni_v2.pc108-24k"),
+    SlideEncoderSpec("abmil", "", 20, 256, 512, "abmil"),  # dim: the attention heads' width
 ]:
     SPECS[_spec.name] = _spec
 
@@ -124,28 +126,88 @@ class MeanSlideEncoder(BaseSlideEncoder):
 
 
 class ABMILSlideEncoder(BaseSlideEncoder):
-    """Gated attention-based MIL pooling (Ilse et al., 2018): project, score each patch, weighted sum."""
+    """TRIDENT's untrained ABMIL (to be trained by the lab): Linear + GELU before and after gated attention
+    pooling; each head scores the patches, its softmax-weighted sum of the patches is taken, the heads'
+    sums are condensed back to the input width. The embedding has the input's dimension."""
 
     def __init__(self, spec: SlideEncoderSpec, input_feature_dim: int | None = None, n_heads: int = 1,
                  head_dim: int | None = None, dropout: float = 0.0, gated: bool = True):
         super().__init__(spec)
-        in_dim = input_feature_dim or (PATCH_REGISTRY[spec.patch_encoder].dim if spec.patch_encoder else 1024)
+        d = input_feature_dim or 1024
         head_dim = head_dim or spec.dim
-        self.embedding_dim = head_dim
-        self.project = nn.Sequential(nn.Linear(in_dim, head_dim), nn.GELU(), nn.Dropout(dropout))
-        self.attention_a = nn.Sequential(nn.Linear(head_dim, head_dim), nn.Tanh())
-        self.attention_b = nn.Sequential(nn.Linear(head_dim, head_dim), nn.Sigmoid()) if gated else None
-        self.attention_c = nn.Linear(head_dim, n_heads)
+        self.embedding_dim = d
+
+        def gate(act):
+            return nn.ModuleList(nn.Sequential(nn.Linear(d, head_dim), act(), nn.Dropout(dropout))
+                                 for _ in range(n_heads))
+
+        pooler = nn.ModuleDict({"attention_a": gate(nn.Tanh), "attention_b": gate(nn.Sigmoid) if gated else None,
+                                "branching_layers": nn.ModuleList(nn.Linear(head_dim, 1) for _ in range(n_heads))})
+        if n_heads > 1:
+            pooler["condensing_layer"] = nn.Linear(n_heads * d, d)
+        self.model = nn.ModuleDict({
+            "pre_attention_layers": nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(0.1)),
+            "image_pooler": pooler,
+            "post_attention_layers": nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(0.1))})
 
     def forward(self, batch, device="cuda", return_raw_attention=False):
-        h = self.project(batch["features"].to(device).float())  # (B, N, H)
-        a = self.attention_a(h)
-        if self.attention_b is not None:
-            a = a * self.attention_b(h)
-        scores = self.attention_c(a)  # (B, N, heads)
-        weights = torch.softmax(scores, dim=1)
-        pooled = torch.einsum("bnk,bnh->bh", weights, h) / weights.shape[-1]
-        return (pooled, scores) if return_raw_attention else pooled
+        h = self.model["pre_attention_layers"](batch["features"].to(device).float())  # (B, N, d)
+        pooler, scores = self.model["image_pooler"], []
+        for i, branch in enumerate(pooler["branching_layers"]):
+            a = pooler["attention_a"][i](h)
+            if pooler["attention_b"] is not None:
+                a = a * pooler["attention_b"][i](h)
+            scores.append(branch(a))  # (B, N, 1)
+        scores = torch.cat(scores, dim=-1)  # (B, N, heads)
+        pooled = torch.einsum("bnk,bnd->bkd", torch.softmax(scores, dim=1), h).flatten(1)
+        if "condensing_layer" in pooler:
+            pooled = pooler["condensing_layer"](pooled)
+        out = self.model["post_attention_layers"](pooled)
+        return (out, scores) if return_raw_attention else out
+
+
+class FeatherSlideEncoder(BaseSlideEncoder):
+    """FEATHER (MahmoodLab's pretrained ABMIL), built here with its published parameter names, so the
+    lab's model.safetensors loads without running the model code shipped beside it: patches embedded by
+    Linear + ReLU, scored by gated attention, and their softmax-weighted mean is the embedding."""
+
+    def __init__(self, spec: SlideEncoderSpec, in_dim: int | None = None, embed_dim: int = 512,
+                 attn_dim: int = 384, gate: bool = True):
+        super().__init__(spec)
+        in_dim = in_dim or PATCH_REGISTRY[spec.patch_encoder].dim
+        self.embedding_dim = embed_dim
+        attention = nn.ModuleDict({"attention_a": nn.Sequential(nn.Linear(embed_dim, attn_dim), nn.Tanh()),
+                                   "attention_c": nn.Linear(attn_dim, 1)})
+        if gate:
+            attention["attention_b"] = nn.Sequential(nn.Linear(embed_dim, attn_dim), nn.Sigmoid())
+        self.model = nn.ModuleDict({"patch_embed": nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU()),
+                                    "global_attn": attention})
+
+    @classmethod
+    def from_folder(cls, spec: SlideEncoderSpec, weights_path=None) -> FeatherSlideEncoder:
+        path = find_weights(spec.name, weights_path, spec.hub_repo, ("model.safetensors",))
+        config = {}
+        config_file = os.path.join(os.path.dirname(path), "config.json")
+        if os.path.exists(config_file):
+            with open(config_file) as f:
+                config = json.load(f)
+        if config.get("num_heads", 1) != 1 or config.get("num_fc_layers", 1) != 1:
+            raise ValueError(f"{spec.name}: {config_file} asks for {config.get('num_heads')} attention heads and "
+                             f"{config.get('num_fc_layers')} embedding layers; FEATHER has one of each.")
+        model = cls(spec, **{k: config[k] for k in ("in_dim", "embed_dim", "attn_dim", "gate") if k in config})
+        sd = {k: v for k, v in load_state_dict(path, spec.name).items() if not k.startswith("model.classifier.")}
+        load_into(model, sd, spec.name, path)
+        model.weights_path, model.weights_sha256 = path, file_checksum(path)
+        return model
+
+    def forward(self, batch, device="cuda"):
+        h = self.model["patch_embed"](batch["features"].to(device).float())  # (B, N, embed_dim)
+        attn = self.model["global_attn"]
+        a = attn["attention_a"](h)
+        if "attention_b" in attn:
+            a = a * attn["attention_b"](h)
+        weights = torch.softmax(attn["attention_c"](a), dim=1)  # (B, N, 1): over the patches
+        return (weights * h).sum(dim=1)
 
 
 class RemoteCodeSlideEncoder(BaseSlideEncoder):
@@ -287,17 +349,17 @@ PACKAGE_ENCODERS = {"gigapath": GigaPathSlideEncoder, "chief": CHIEFSlideEncoder
 
 def encoder_factory(model_name: str, pretrained: bool = True, freeze: bool = True,
                     weights_path: str | os.PathLike | None = None, **kwargs) -> BaseSlideEncoder:
-    """Build a slide encoder. ``mean-<patch encoder>`` and ``abmil`` need no weights; pretrained ones
+    """Build a slide encoder. ``mean-<patch encoder>`` and ``abmil`` (untrained) need no weights; pretrained ones
     load from ``weights_path`` or the local caches, or fail with an error that says how to supply them."""
     spec = slide_encoder_spec(model_name)
     if spec.kind == "mean":
         model = MeanSlideEncoder(spec)
     elif spec.kind == "abmil":
         model = ABMILSlideEncoder(spec, **kwargs)
-        if pretrained and spec.hub_repo:
-            path = find_weights(spec.name, weights_path, spec.hub_repo, ("model.safetensors", "model.pth"))
-            load_into(model, load_state_dict(path, spec.name), spec.name, path)
-            model.weights_path, model.weights_sha256 = path, file_checksum(path)
+    elif spec.kind == "feather" and pretrained:
+        model = FeatherSlideEncoder.from_folder(spec, weights_path)
+    elif spec.kind == "feather":
+        model = FeatherSlideEncoder(spec, **kwargs)
     elif spec.kind == "remote_code":
         model = RemoteCodeSlideEncoder(spec, weights_path, **kwargs)
     else:
@@ -313,6 +375,7 @@ __all__ = [
     "SPECS",
     "ABMILSlideEncoder",
     "BaseSlideEncoder",
+    "FeatherSlideEncoder",
     "CHIEFSlideEncoder",
     "GigaPathSlideEncoder",
     "MadeleineSlideEncoder",
