@@ -444,8 +444,10 @@ HF_SMALL = dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4)
     # phikon-v2's config may name another image_size: the model keeps the file's grid and resamples it per input.
     ("phikon_v2", "Dinov2Model", "Dinov2Config", dict(mlp_ratio=4, patch_size=14, image_size=518),
      lambda t: t[:, 0]),
+    # hibou-L's folder: SwiGLU, LayerScale 1.0, 4 registers; its config.json names its own model code.
     ("hibou_l", "Dinov2WithRegistersModel", "Dinov2WithRegistersConfig",
-     dict(mlp_ratio=4, patch_size=14, image_size=224, num_register_tokens=4), lambda t: t[:, 0]),
+     dict(mlp_ratio=4, patch_size=14, image_size=224, num_register_tokens=4, use_swiglu_ffn=True,
+          layerscale_value=1.0), lambda t: t[:, 0]),
     ("midnight12k", "Dinov2Model", "Dinov2Config", dict(mlp_ratio=4, patch_size=14, image_size=224,
                                                         use_swiglu_ffn=True), cls_mean(1)),
 ])
@@ -454,6 +456,11 @@ def test_transformers_folders(name, model_cls, config_cls, config, output, tmp_p
 
     ref = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**HF_SMALL, **config))
     randomize(ref).save_pretrained(tmp_path)  # config.json + model.safetensors, as on the hub
+    if name == "hibou_l":
+        config_file = tmp_path / "config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "model_type": "dinov2",
+                                           "architectures": ["Dinov2ModelWithRegisters"], "auto_map": {
+                                               "AutoModel": "modeling_dinov2.Dinov2ModelWithRegisters"}}))
     overrides = {"intermediate_size": 384} if name == "phikon" else {}
     enc = encoder_factory(name, weights_path=tmp_path / "model.safetensors", **HF_SMALL, **overrides)
     x = image()

@@ -4,7 +4,9 @@ packages or model code outside PyPI's mainstream (MUSK, KEEP, Gemma 4; CONCH: co
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 
 import torch
 
@@ -51,6 +53,11 @@ def _hf_keys(sd: dict) -> dict:
     return out
 
 
+# config.json fields that name code or bookkeeping rather than the architecture (Hibou's config names its
+# own model code, which is not run: transformers' class with the same parameters is used)
+NOT_ARCHITECTURE = {"architectures", "auto_map", "model_type", "_name_or_path", "torch_dtype", "transformers_version"}
+
+
 def hf_loader(name: str):
     """Load a transformers checkpoint (model.safetensors / pytorch_model.bin as saved by save_pretrained)
     through transformers itself, which maps the names on disk to the installed version's module names.
@@ -61,6 +68,12 @@ def hf_loader(name: str):
     def load(model: HFBackbone, path: str) -> None:
         sd = _hf_keys(load_state_dict(path, name))
         config = copy.deepcopy(model.backbone.config)
+        published = os.path.join(os.path.dirname(path), "config.json")
+        if os.path.exists(published):  # the folder's architecture wins (Hibou: SwiGLU, LayerScale 1.0)
+            with open(published) as f:
+                for k, v in json.load(f).items():
+                    if hasattr(config, k) and k not in NOT_ARCHITECTURE:
+                        setattr(config, k, v)
         pos = sd.get("embeddings.position_embeddings")
         if pos is not None and config.model_type.startswith("dinov2"):
             config.image_size = math.isqrt(pos.shape[1] - 1) * config.patch_size
