@@ -88,7 +88,7 @@ def main():
     try:
         while not (target.exists() and len(list(target.glob("*.h5"))) == n):
             assert daemon.poll() is None, (tmp / "services.log").read_text()[-3000:]
-            assert time.perf_counter() - t0 < 60 * 60, "not done after an hour"
+            assert time.perf_counter() - t0 < max(3600, 4 * base), "not done after 4 times the batch time"
             time.sleep(1)
         wall = time.perf_counter() - t0
     finally:
