@@ -600,7 +600,7 @@ def test_segmenter_and_slide_encoder_facts():
     for name, facts in {"titan": ("conch_v15", 768, "fp16"), "prism": ("virchow", 1280, "fp16"),
                         "chief": ("ctranspath", 768, "fp32"), "gigapath": ("gigapath", 768, "fp16"),
                         "madeleine": ("conch_v1", 512, "fp32"), "feather": ("conch_v15", 512, "fp32"),
-                        "feather_uni_v2": ("uni_v2", 512, "fp32")}.items():
+                        "feather_uni_v2": ("uni_v2", 512, "fp32"), "care": ("conch_v15", 512, "fp32")}.items():
         s = se.slide_encoder_spec(name)
         assert (s.patch_encoder, s.dim, s.precision) == facts, name
     # TRIDENT's mean-kaiko-* names do not match its patch encoder names; they resolve to the kaiko encoders.
@@ -647,6 +647,70 @@ def test_feather_loads_its_published_folder(name, in_dim, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"in_dim": in_dim, "num_heads": 2}))
     with pytest.raises(ValueError, match="2 attention heads"):
         se.encoder_factory(name, weights_path=tmp_path)
+
+
+# -- slide encoders whose model code ships with the checkpoint (TITAN, PRISM, CARE) --------------------------
+
+REMOTE_CODE = """
+import torch
+from types import SimpleNamespace
+from transformers import PretrainedConfig, PreTrainedModel
+
+
+class TinyConfig(PretrainedConfig):
+    model_type = "tiny_slide"
+
+    def __init__(self, in_dim=8, out_dim=4, **kwargs):
+        super().__init__(**kwargs)
+        self.in_dim, self.out_dim = in_dim, out_dim
+
+
+class TinySlideModel(PreTrainedModel):
+    config_class = TinyConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.proj = torch.nn.Linear(config.in_dim, config.out_dim)
+        self.calls = []
+        self.post_init()
+
+    def encode_slide_from_patch_features(self, features, coords, patch_size_level0):  # TITAN
+        self.calls.append(("titan", coords.clone(), patch_size_level0))
+        return self.proj(features.mean(1))
+
+    def slide_representations(self, features):  # PRISM
+        self.calls.append(("prism",))
+        return {"image_embedding": self.proj(features.mean(1))}
+
+    def forward(self, features, n_values, grid):  # CARE
+        self.calls.append(("care", n_values.clone(), grid.clone()))
+        return SimpleNamespace(wsi_embedding=self.proj(features.mean(1)))
+"""
+
+
+@pytest.mark.parametrize("name", ["titan", "prism", "care"])
+def test_remote_code_slide_encoders_run_from_the_labs_folder_only_when_trusted(name, tmp_path):
+    (tmp_path / "modeling_tiny.py").write_text(REMOTE_CODE)
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "tiny_slide", "architectures": ["TinySlideModel"], "in_dim": 8, "out_dim": 4,
+        "auto_map": {"AutoConfig": "modeling_tiny.TinyConfig", "AutoModel": "modeling_tiny.TinySlideModel"}}))
+    g = torch.Generator().manual_seed(4)
+    weight, bias = torch.randn(4, 8, generator=g), torch.randn(4, generator=g)
+    save_file({"proj.weight": weight, "proj.bias": bias}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(PermissionError, match="trust_remote_code"):
+        se.encoder_factory(name, weights_path=tmp_path / "config.json")
+    enc = se.encoder_factory(name, weights_path=tmp_path / "config.json", trust_remote_code=True)
+    feats, coords = torch.randn(1, 5, 8, generator=g), torch.tensor([[[0, 0], [512, 0], [1024, 512], [0, 1024],
+                                                                       [2048, 2048]]])
+    with torch.no_grad():
+        out = enc({"features": feats, "coords": coords, "attributes": {"patch_size_level0": 512}}, device="cpu")
+    assert torch.allclose(out, F.linear(feats.mean(1), weight, bias), atol=1e-6)
+    call = enc.model.calls[-1]
+    assert call[0] == name
+    if name == "titan":
+        assert torch.equal(call[1], coords) and call[2] == 512
+    if name == "care":  # the number of patches, and each patch's grid cell (coords // patch_size_level0)
+        assert call[1].tolist() == [5] and call[2].tolist() == [[[0, 0], [1, 0], [2, 1], [0, 2], [4, 4]]]
 
 
 # -- doctor -----------------------------------------------------------------------------------------------

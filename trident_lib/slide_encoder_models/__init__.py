@@ -46,6 +46,7 @@ for _spec in [
     SlideEncoderSpec("titan", "conch_v15", 20, 512, 768, "remote_code", hub_repo="MahmoodLab/TITAN",
                      precision="fp16"),
     SlideEncoderSpec("prism", "virchow", 20, 224, 1280, "remote_code", hub_repo="paige-ai/Prism", precision="fp16"),
+    SlideEncoderSpec("care", "conch_v15", 20, 512, 512, "remote_code", hub_repo="Zipper-1/CARE"),
     SlideEncoderSpec("chief", "ctranspath", 10, 256, 768, "package", package="CHIEF",
                      weight_files=("model_weight/CHIEF_pretraining.pth",),
                      install="git clone https://github.com/hms-dbmi/CHIEF, put CHIEF_pretraining.pth and "
@@ -211,7 +212,7 @@ class FeatherSlideEncoder(BaseSlideEncoder):
 
 
 class RemoteCodeSlideEncoder(BaseSlideEncoder):
-    """TITAN and PRISM publish their model code with the checkpoint; it is loaded from the lab's local
+    """TITAN, PRISM and CARE publish their model code with the checkpoint; it is loaded from the lab's local
     copy only, and runs only when the lab opts in with ``trust_remote_code=True``."""
 
     def __init__(self, spec, weights_path=None, trust_remote_code=False):
@@ -230,8 +231,12 @@ class RemoteCodeSlideEncoder(BaseSlideEncoder):
 
     def forward(self, batch, device="cuda"):
         feats, coords = batch["features"].to(device), batch["coords"].to(device)
+        patch_size_level0 = batch["attributes"]["patch_size_level0"]
         if self.spec.name == "titan":
-            return self.model.encode_slide_from_patch_features(feats, coords, batch["attributes"]["patch_size_level0"])
+            return self.model.encode_slide_from_patch_features(feats, coords, patch_size_level0)
+        if self.spec.name == "care":  # patches as grid cells, and how many there are
+            n = torch.tensor([feats.shape[1]], device=device)
+            return self.model(feats, n, torch.div(coords, patch_size_level0, rounding_mode="floor")).wsi_embedding
         return self.model.slide_representations(feats)["image_embedding"]
 
 
