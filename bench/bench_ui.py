@@ -13,12 +13,11 @@ import os
 import shutil
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from common import RESULTS, save
 
-from trident_assets.services import free_port, instance_home, start_webserver, stop, workspace_file
+from trident_assets.services import free_port, graphql, instance_home, start_webserver, stop, workspace_file
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 
@@ -35,15 +34,21 @@ def populate(home: Path, n: int) -> None:
                 instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=asset, partition=k))
 
 
-def wait_up(port: int, timeout: float = 180) -> None:
+LOCATIONS = "{ workspaceOrError { ... on Workspace { locationEntries { locationOrLoadError { __typename } } } } }"
+
+
+def wait_up(port: int, timeout: float = 300) -> None:
+    """Until the code location is loaded, so page times do not include importing it."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5):
+            entries = graphql(port, LOCATIONS)["data"]["workspaceOrError"]["locationEntries"]
+            if entries and all(e["locationOrLoadError"]["__typename"] == "RepositoryLocation" for e in entries):
                 return
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError("the webserver did not start")
+        except (OSError, KeyError, TypeError):
+            pass
+        time.sleep(1)
+    raise RuntimeError("the webserver did not load the code location")
 
 
 def page_seconds(browser, url: str, n: int, shot: Path) -> float:

@@ -266,12 +266,17 @@ def test_slide_encoders():
     mean = se.encoder_factory("mean-resnet50")
     feats = torch.rand(1, 7, 1024)
     assert torch.allclose(mean({"features": feats}, device="cpu"), feats.mean(1))
-    ab = se.encoder_factory("abmil", input_feature_dim=1024)
+    with pytest.raises(ValueError, match="pretrained=False"):  # untrained, to be trained: as TRIDENT
+        se.encoder_factory("abmil", input_feature_dim=1024)
+    ab = se.encoder_factory("abmil", pretrained=False, input_feature_dim=1024)
     out = ab({"features": feats}, device="cpu")
     assert out.shape == (1, 1024) and ab.embedding_dim == 1024  # TRIDENT's ABMIL keeps the input's width
     heads = se.encoder_factory("abmil", pretrained=False, input_feature_dim=1024, n_heads=3, head_dim=64)
     out, scores = heads({"features": feats}, device="cpu", return_raw_attention=True)
-    assert out.shape == (1, 1024) and scores.shape == (1, 7, 3)
+    assert out.shape == (1, 1024) and scores.shape == (1, 1, 3, 7)
+    assert {k.split(".")[1] for k in heads.state_dict()} == {"pre_attention_layers", "image_pooler",
+                                                               "post_attention_layers"}
+    assert "model.image_pooler.gating_layers.2.0.weight" in heads.state_dict()
     empty = slide_embedding(np.zeros((0, 1024), np.float32), np.zeros((0, 2)), {}, mean)
     assert empty.shape == (1024,) and np.isnan(empty).all()
     with pytest.raises(MissingDependencyError, match="chief"):

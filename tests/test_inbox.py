@@ -1,5 +1,6 @@
 """The inbox waits for a slide to finish arriving: settle time, temporary names, folder-based slides."""
 
+import json
 import os
 import shutil
 import time
@@ -9,6 +10,7 @@ import dagster as dg
 from trident_assets.assets import qc_table
 from trident_assets.definitions import build_definitions
 from trident_assets.inbox import scan_inbox, settle
+from trident_assets.io_managers import _write_local
 from trident_assets.sensors import build_inbox_sensor
 from trident_assets.settings import Settings
 
@@ -115,7 +117,8 @@ def test_sensor_waits_reports_a_slide_that_never_settles_once(tmp_path):
 
 def test_sensor_cursor_holds_only_recent_changes(tmp_path):
     """The cursor forgets files that changed before its watermark, yet a file replaced in place, a copy that
-    keeps an old modification time (cp -p) and a link to an old file are still picked up."""
+    keeps an old modification time (cp -p), a link to an old file, an old file or folder moved in and a
+    link's replaced target are still picked up; a file whose metadata alone changed is not run again."""
     inbox, elsewhere = tmp_path / "inbox", tmp_path / "elsewhere"
     inbox.mkdir()
     elsewhere.mkdir()
@@ -125,6 +128,9 @@ def test_sensor_cursor_holds_only_recent_changes(tmp_path):
         (inbox / f"old{i:02d}.svs").write_bytes(b"x" * 10)
     (elsewhere / "archived.svs").write_bytes(b"a" * 10)
     (elsewhere / "linked.svs").write_bytes(b"l" * 10)
+    (elsewhere / "moved.svs").write_bytes(b"m" * 10)
+    (elsewhere / "series").mkdir()  # a DICOM folder, moved in later
+    (elsewhere / "series" / "1.dcm").write_bytes(b"d")
     os.utime(elsewhere / "archived.svs", (1e9, 1e9))  # scanned years ago
     with dg.instance_for_test() as instance:
         state = {"cursor": None}
@@ -154,6 +160,27 @@ def test_sensor_cursor_holds_only_recent_changes(tmp_path):
         _grow(inbox / "old07.svs", b"y")  # replaced in place
         shutil.copy2(elsewhere / "archived.svs", inbox / "archived.svs")  # keeps its 2001 modification time
         (inbox / "linked.svs").symlink_to(elsewhere / "linked.svs")
-        assert tick() == ["archived.svs", "linked.svs", "old07.svs"]
+        os.rename(elsewhere / "moved.svs", inbox / "moved.svs")  # written long before, moved in now
+        assert tick() == ["archived.svs", "linked.svs", "moved.svs", "old07.svs"]
         assert tick() == []
         assert len(state["cursor"]) < 300
+
+        io = defs.resources["trident_io"]
+        for k, sf in scan_inbox(str(inbox)).items():  # what each slide's slide_file recorded when it ran
+            _write_local(io.file_for(["slide_file"], k, None), sf)
+        time.sleep(1.5)
+        os.chmod(inbox / "old03.svs", 0o600)  # its change time moves, its contents do not
+        os.rename(elsewhere / "series", inbox / "series")  # a folder moved in: its file keeps its old change time
+        (elsewhere / "linked.svs").write_bytes(b"L" * 10)  # a link's target replaced
+        assert tick() == ["linked.svs", "series"]
+
+        old_format = json.dumps({"seen": {k: sf.fingerprint for k, sf in scan_inbox(str(inbox)).items()},
+                                 "waiting": {}})
+        state["cursor"] = old_format  # the cursor of the previous version: nothing runs again
+        assert tick() == []
+        (inbox / "offline").mkdir()  # the share unmounted: an empty listing keeps the cursor
+        empty = build_inbox_sensor(defs.resolve_job_def("process_slides"), 50, settle_seconds=0)
+        defs_empty = build_definitions(Settings(inbox=str(inbox / "offline"), storage=str(tmp_path / "out")))
+        result = empty(dg.build_sensor_context(instance=instance, cursor=state["cursor"],
+                                               resources=defs_empty.resources, definitions=defs_empty))
+        assert result.cursor == state["cursor"] and not result.run_requests

@@ -139,6 +139,11 @@ def settle(found: dict[str, SlideFile], waiting: dict[str, list], now: float, se
 
 
 def _mtime(info: dict) -> float:
+    if info.get("islink"):  # a link's own modification time says nothing of its slide
+        try:
+            return os.stat(info["name"]).st_mtime
+        except OSError:
+            pass
     for k in ("mtime", "LastModified", "last_modified", "updated", "created"):
         v = info.get(k)
         if v is not None:
@@ -147,15 +152,15 @@ def _mtime(info: dict) -> float:
 
 
 def _changed(info: dict) -> float:
-    """When a file last changed by the file server's clock. Locally that is the ctime (a link's own or its
-    target's, whichever is newer), which copies that keep the modification time (cp -p, rsync -a) still
-    move; elsewhere the store's last-modified time, which the server sets on upload."""
+    """When a file last changed by the file server's clock. Locally that is the ctime (of a link and of its
+    target, whichever is newer), which copies that keep the modification time (cp -p, rsync -a) and moves
+    still advance; elsewhere the store's last-modified time, which the server sets on upload."""
     if "ino" not in info:  # not a local file
         return _mtime(info)
-    stamp = info.get("created") or 0.0
-    if info.get("islink"):
-        stamp = max(stamp, os.lstat(info["name"]).st_ctime)
-    return stamp
+    try:  # fsspec's "created" is the birth time where there is one, and a link's own times
+        return max(os.lstat(info["name"]).st_ctime, os.stat(info["name"]).st_ctime)
+    except OSError:  # a dangling link, or deleted since the listing
+        return info.get("created") or 0.0
 
 
 def _tree(fs, path: str) -> tuple[int, float, float, bool]:

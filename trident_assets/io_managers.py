@@ -177,6 +177,15 @@ class TridentIOManager(ConfigurableIOManager):
 
     # Slides that have been arriving for too long (the inbox sensor reports them once): one small JSON each,
     # so cohort_qc and `trident-dagster status` list them although they are not partitions yet.
+    def recorded_fingerprint(self, slide: str) -> str | None:
+        """The fingerprint of the file this slide's ``slide_file`` last recorded; None if never."""
+        fs, _ = self._fs()
+        try:
+            with fs.open(self.file_for(["slide_file"], slide, None)) as f:
+                return SlideFile(**json.load(f)).fingerprint
+        except FileNotFoundError:
+            return None
+
     def mark_arriving(self, slide: str, message: str) -> None:
         path = posixpath.join(self._fs()[1], "arriving", f"{validate_key(slide)}.json")
         self._write(path, lambda p: _write_json(p, {"slide": slide, "error": message}))

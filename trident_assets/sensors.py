@@ -33,9 +33,17 @@ def build_inbox_sensor(job, slides_per_run: int, settle_seconds: float,
         recent: dict[str, str] = cursor.get("recent", cursor.get("seen", {}))  # "seen": the older cursor
         waiting: dict[str, list] = cursor.get("waiting", {})
         found, now = inbox.scan(), time.time()
-        # New and replaced files; a file that fails is not retried until it changes.
+        if not found and (recent or waiting):  # an unmounted share lists as empty: forget nothing
+            return dg.SensorResult(skip_reason=f"no slides in {redact(inbox.path)}", cursor=context.cursor)
+        known = set(context.instance.get_dynamic_partitions(slides.name))
+        # New and replaced files; a file that fails is not retried until it changes. A file that is not a
+        # partition yet counts whatever its time (a folder moved in keeps its files' times).
         changed = {k: sf for k, sf in found.items()
-                   if (sf.changed >= since or k in waiting) and recent.get(k) != sf.fingerprint}
+                   if (sf.changed >= since or k in waiting or k not in known) and recent.get(k) != sf.fingerprint}
+        for k in [k for k in changed if k in known and k not in waiting and k not in recent]:
+            # changed after "since" but not since it was processed (chmod, a new hard link): not replaced
+            if trident_io.recorded_fingerprint(k) == changed[k].fingerprint:
+                recent[k] = changed.pop(k).fingerprint
         ready, stuck = settle(changed, waiting, now, settle_seconds, give_up_seconds)
         for k in stuck:
             message = (f"{found[k].relpath}: still arriving after {give_up_seconds / 60:.0f} min (its size or "
@@ -45,9 +53,11 @@ def build_inbox_sensor(job, slides_per_run: int, settle_seconds: float,
         recent.update({k: found[k].fingerprint for k in ready})
         # A listing can show a changed file late (NFS caches directories), so "since" trails the newest
         # change seen by late_seconds, and catches up with it once that change is late_seconds old here.
+        # A time over a day ahead of ours is a wrong clock, not a change: it would stall "since".
         newest = cursor.get("newest", [0.0, now])
-        if found and max(sf.changed for sf in found.values()) > newest[0]:
-            newest = [max(sf.changed for sf in found.values()), now]
+        latest = max((sf.changed for sf in found.values() if sf.changed < now + 86400), default=0.0)
+        if latest > newest[0]:
+            newest = [latest, now]
         since = max(since, newest[0] - (late_seconds if now - newest[1] < late_seconds else 0))
         recent = {k: fp for k, fp in recent.items() if k in found and found[k].changed >= since}
         new_cursor = json.dumps({"since": since, "newest": newest, "recent": recent, "waiting": waiting},
@@ -55,7 +65,6 @@ def build_inbox_sensor(job, slides_per_run: int, settle_seconds: float,
         if not ready:
             return dg.SensorResult(skip_reason=f"no new slides ready in {redact(inbox.path)} ({len(found)} known, "
                                                f"{len(waiting)} arriving)", cursor=new_cursor)
-        known = set(context.instance.get_dynamic_partitions(slides.name))
         new = [k for k in ready if k not in known]
         runs = [_range_run(chunk, found) for chunk in _chunks(new, slides_per_run)]
         runs += [_range_run([k], found) for k in ready if k in known]  # replaced files: one run each

@@ -53,9 +53,11 @@ def _hf_keys(sd: dict) -> dict:
     return out
 
 
-# config.json fields that name code or bookkeeping rather than the architecture (Hibou's config names its
-# own model code, which is not run: transformers' class with the same parameters is used)
-NOT_ARCHITECTURE = {"architectures", "auto_map", "model_type", "_name_or_path", "torch_dtype", "transformers_version"}
+# The config.json fields that shape a ViT / DINOv2 backbone. Others (the code it names, dtype, outputs) are
+# not taken: Hibou's config names its own model code, which is not run; transformers' class is used.
+ARCHITECTURE = {"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "mlp_ratio",
+                "patch_size", "image_size", "num_channels", "num_register_tokens", "use_swiglu_ffn",
+                "layerscale_value", "qkv_bias", "layer_norm_eps", "hidden_act"}
 
 
 def hf_loader(name: str):
@@ -72,7 +74,7 @@ def hf_loader(name: str):
         if os.path.exists(published):  # the folder's architecture wins (Hibou: SwiGLU, LayerScale 1.0)
             with open(published) as f:
                 for k, v in json.load(f).items():
-                    if hasattr(config, k) and k not in NOT_ARCHITECTURE:
+                    if k in ARCHITECTURE and hasattr(config, k):
                         setattr(config, k, v)
         pos = sd.get("embeddings.position_embeddings")
         if pos is not None and config.model_type.startswith("dinov2"):

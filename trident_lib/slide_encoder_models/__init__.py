@@ -138,11 +138,12 @@ class ABMILSlideEncoder(BaseSlideEncoder):
         head_dim = head_dim or spec.dim
         self.embedding_dim = d
 
-        def gate(act):
+        def per_head(act):
             return nn.ModuleList(nn.Sequential(nn.Linear(d, head_dim), act(), nn.Dropout(dropout))
                                  for _ in range(n_heads))
 
-        pooler = nn.ModuleDict({"attention_a": gate(nn.Tanh), "attention_b": gate(nn.Sigmoid) if gated else None,
+        pooler = nn.ModuleDict({"attention_heads": per_head(nn.Tanh),
+                                "gating_layers": per_head(nn.Sigmoid) if gated else None,
                                 "branching_layers": nn.ModuleList(nn.Linear(head_dim, 1) for _ in range(n_heads))})
         if n_heads > 1:
             pooler["condensing_layer"] = nn.Linear(n_heads * d, d)
@@ -155,16 +156,16 @@ class ABMILSlideEncoder(BaseSlideEncoder):
         h = self.model["pre_attention_layers"](batch["features"].to(device).float())  # (B, N, d)
         pooler, scores = self.model["image_pooler"], []
         for i, branch in enumerate(pooler["branching_layers"]):
-            a = pooler["attention_a"][i](h)
-            if pooler["attention_b"] is not None:
-                a = a * pooler["attention_b"][i](h)
+            a = pooler["attention_heads"][i](h)
+            if pooler["gating_layers"] is not None:
+                a = a * pooler["gating_layers"][i](h)
             scores.append(branch(a))  # (B, N, 1)
-        scores = torch.cat(scores, dim=-1)  # (B, N, heads)
-        pooled = torch.einsum("bnk,bnd->bkd", torch.softmax(scores, dim=1), h).flatten(1)
+        scores = torch.cat(scores, dim=-1).transpose(1, 2)  # (B, heads, N)
+        pooled = torch.bmm(torch.softmax(scores, dim=-1), h).flatten(1)  # the heads' weighted sums
         if "condensing_layer" in pooler:
             pooled = pooler["condensing_layer"](pooled)
         out = self.model["post_attention_layers"](pooled)
-        return (out, scores) if return_raw_attention else out
+        return (out, scores.unsqueeze(1)) if return_raw_attention else out  # scores: (B, 1, heads, N)
 
 
 class FeatherSlideEncoder(BaseSlideEncoder):
@@ -234,9 +235,9 @@ class RemoteCodeSlideEncoder(BaseSlideEncoder):
         patch_size_level0 = batch["attributes"]["patch_size_level0"]
         if self.spec.name == "titan":
             return self.model.encode_slide_from_patch_features(feats, coords, patch_size_level0)
-        if self.spec.name == "care":  # patches as grid cells, and how many there are
-            n = torch.tensor([feats.shape[1]], device=device)
-            return self.model(feats, n, torch.div(coords, patch_size_level0, rounding_mode="floor")).wsi_embedding
+        if self.spec.name == "care":  # how many patches each slide has, and their grid cells
+            n = torch.full((feats.shape[0],), feats.shape[1], device=device)
+            return self.model(feats, n, coords // int(patch_size_level0)).wsi_embedding
         return self.model.slide_representations(feats)["image_embedding"]
 
 
@@ -360,6 +361,8 @@ def encoder_factory(model_name: str, pretrained: bool = True, freeze: bool = Tru
     if spec.kind == "mean":
         model = MeanSlideEncoder(spec)
     elif spec.kind == "abmil":
+        if pretrained:  # as TRIDENT: there are no weights to load, it is built to be trained
+            raise ValueError("abmil has no published weights: build it with pretrained=False to train it.")
         model = ABMILSlideEncoder(spec, **kwargs)
     elif spec.kind == "feather" and pretrained:
         model = FeatherSlideEncoder.from_folder(spec, weights_path)
