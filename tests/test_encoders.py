@@ -176,6 +176,15 @@ def test_offline_without_weights(name, tmp_path, monkeypatch):
     assert name in msg and "weights_path" in msg and "hub cache" in msg and "TRIDENT_WEIGHTS_REGISTRY" in msg
 
 
+def test_gemma4_says_it_is_not_supported_before_loading(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "config.json").write_text("{}")
+    save_file({"model.vision_tower.x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(NotImplementedError, match="Gemma 4 .* image processor"):
+        encoder_factory("gemma4-26b", weights_path=tmp_path)
+
+
 def test_checkpoint_round_trip_with_and_without_head(tmp_path):
     import timm
     net = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=1000)  # with a head

@@ -1,5 +1,5 @@
 """Encoders published as Hugging Face transformers models (DINOv2 / ViT families), and those that need
-packages or model code outside PyPI's mainstream (MUSK, KEEP, Gemma 4; CONCH: conch_family)."""
+packages or model code outside PyPI's mainstream (MUSK, KEEP; Gemma 4, not supported yet; CONCH: conch_family)."""
 
 from __future__ import annotations
 
@@ -152,12 +152,20 @@ def musk_image_embedding(model, x):
 
 
 def _from_folder_transformers(folder: str, **kwargs):
-    """KEEP and Gemma 4 ship their architecture with the checkpoint (config and code):
+    """KEEP ships its architecture with the checkpoint (config and code):
     loaded from the lab's local copy only, never fetched, and remote code runs only when the lab opts in."""
     tf = _transformers()
     trust = bool(kwargs.pop("trust_remote_code", False))
     model = tf.AutoModel.from_pretrained(folder, local_files_only=True, trust_remote_code=trust)
     return model.vision_model if hasattr(model, "vision_model") else model
+
+
+def _gemma4(folder: str, **kwargs):
+    # Said before anything is loaded, rather than failing inside the model on the first batch.
+    raise NotImplementedError(
+        f"Gemma 4 ({folder}) is not supported yet: its vision tower takes patches prepared by Gemma's own image "
+        "processor (processor_config.json: patchified pixels and their positions), which this encoder does not "
+        "produce. Choose another patch encoder.")
 
 
 def _pooled(model, x):
@@ -174,10 +182,10 @@ register(
     EncoderSpec("keep", 768, _from_folder_transformers, IMAGENET, interpolation="bicubic", precision="fp16",
                 hub_repo="Astaxanthin/KEEP", from_folder=True, forward=_pooled, requires=("transformers",),
                 licence="see model card"),
-    EncoderSpec("gemma4-e4b", 768, _from_folder_transformers, HALF, hub_repo="google/gemma-4-E4B",
+    EncoderSpec("gemma4-e4b", 768, _gemma4, HALF, hub_repo="google/gemma-4-E4B",
                 from_folder=True, forward=_pooled, patch_size=224, precision="bf16", requires=("transformers",),
                 licence="Gemma terms"),
-    EncoderSpec("gemma4-26b", 1152, _from_folder_transformers, HALF, hub_repo="google/gemma-4-26B-A4B",
+    EncoderSpec("gemma4-26b", 1152, _gemma4, HALF, hub_repo="google/gemma-4-26B-A4B",
                 from_folder=True, forward=_pooled, patch_size=224, precision="bf16", requires=("transformers",),
                 licence="Gemma terms"),
 )
