@@ -682,6 +682,10 @@ class TinySlideModel(PreTrainedModel):
         self.calls.append(("prism",))
         return {"image_embedding": self.proj(features.mean(1))}
 
+    def encode_image(self, images):  # KEEP
+        self.calls.append(("keep",))
+        return self.proj(images.mean(dim=(2, 3)).repeat(1, 3)[:, :8])
+
     def forward(self, features, n_values, grid):  # CARE
         self.calls.append(("care", n_values.clone(), grid.clone()))
         return SimpleNamespace(wsi_embedding=self.proj(features.mean(1)))
@@ -711,6 +715,19 @@ def test_remote_code_slide_encoders_run_from_the_labs_folder_only_when_trusted(n
         assert torch.equal(call[1], coords) and call[2] == 512
     if name == "care":  # the number of patches, and each patch's grid cell (coords // patch_size_level0)
         assert call[1].tolist() == [5] and call[2].tolist() == [[[0, 0], [1, 0], [2, 1], [0, 2], [4, 4]]]
+
+
+def test_keep_runs_its_encode_image_from_the_labs_folder(tmp_path):
+    (tmp_path / "modeling_tiny.py").write_text(REMOTE_CODE)
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "tiny_slide", "architectures": ["TinySlideModel"], "in_dim": 8, "out_dim": 4,
+        "auto_map": {"AutoConfig": "modeling_tiny.TinyConfig", "AutoModel": "modeling_tiny.TinySlideModel"}}))
+    save_file({"proj.weight": torch.eye(4, 8), "proj.bias": torch.zeros(4)}, str(tmp_path / "model.safetensors"))
+    enc = encoder_factory("keep", weights_path=tmp_path, trust_remote_code=True)
+    x = image()
+    with torch.no_grad():
+        got = enc(x)
+    assert enc.model.calls == [("keep",)] and torch.allclose(got, x.mean(dim=(2, 3)).repeat(1, 3)[:, :4])
 
 
 # -- doctor -----------------------------------------------------------------------------------------------

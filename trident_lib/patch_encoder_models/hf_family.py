@@ -156,8 +156,7 @@ def _from_folder_transformers(folder: str, **kwargs):
     loaded from the lab's local copy only, never fetched, and remote code runs only when the lab opts in."""
     tf = _transformers()
     trust = bool(kwargs.pop("trust_remote_code", False))
-    model = tf.AutoModel.from_pretrained(folder, local_files_only=True, trust_remote_code=trust)
-    return model.vision_model if hasattr(model, "vision_model") else model
+    return tf.AutoModel.from_pretrained(folder, local_files_only=True, trust_remote_code=trust)
 
 
 def _gemma4(folder: str, **kwargs):
@@ -166,6 +165,14 @@ def _gemma4(folder: str, **kwargs):
         f"Gemma 4 ({folder}) is not supported yet: its vision tower takes patches prepared by Gemma's own image "
         "processor (processor_config.json: patchified pixels and their positions), which this encoder does not "
         "produce. Choose another patch encoder.")
+
+
+def _image_embedding(model, x):
+    """The model code's own image embedding (KEEP's encode_image, as TRIDENT calls it), else the pooled tokens
+    of its vision tower."""
+    if hasattr(model, "encode_image"):
+        return model.encode_image(x)
+    return _pooled(getattr(model, "vision_model", model), x)
 
 
 def _pooled(model, x):
@@ -180,7 +187,7 @@ register(
                 requires=("musk",), install="pip install git+https://github.com/lilab-stanford/MUSK fairscale",
                 load_weights=load_musk, forward=musk_image_embedding, licence="CC-BY-NC-ND-4.0"),
     EncoderSpec("keep", 768, _from_folder_transformers, IMAGENET, interpolation="bicubic", precision="fp16",
-                hub_repo="Astaxanthin/KEEP", from_folder=True, forward=_pooled, requires=("transformers",),
+                hub_repo="Astaxanthin/KEEP", from_folder=True, forward=_image_embedding, requires=("transformers",),
                 licence="see model card"),
     EncoderSpec("gemma4-e4b", 768, _gemma4, HALF, hub_repo="google/gemma-4-E4B",
                 from_folder=True, forward=_pooled, patch_size=224, precision="bf16", requires=("transformers",),
