@@ -1,0 +1,72 @@
+"""A large drop through a real daemon: N new files in the inbox of a freshly started daemon, timed until all
+of them are partitions and their runs are requested (queued), against the sensor's own tick measured in the
+same process as the baseline. The runs are not waited for (the files are not slides).
+
+    .venv/bin/python bench/bench_sensor_daemon.py [--files 10000]
+"""
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from common import save
+
+from trident_assets.services import instance_home, start_daemon, stop, workspace_file
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--files", type=int, default=10000)
+    args = parser.parse_args()
+    n = args.files
+    tmp = Path(tempfile.mkdtemp(prefix="trident-bench-sensor-"))
+    inbox = tmp / "inbox"
+    inbox.mkdir()
+    for i in range(n):
+        (inbox / f"slide-{i:05d}.svs").write_bytes(b"x")
+    config = tmp / "trident.yaml"
+    config.write_text(f"inbox: {inbox}\nstorage: {tmp / 'out'}\ninbox_settle_seconds: 0\n")
+    home = instance_home(tmp / "home")
+    env = {**os.environ, "DAGSTER_HOME": str(home), "TRIDENT_CONFIG": str(config)}
+    os.environ.update({"DAGSTER_HOME": str(home), "TRIDENT_CONFIG": str(config)})
+    import dagster as dg
+
+    from trident_assets.definitions import build_definitions
+
+    defs = build_definitions()  # with this trident.yaml
+    # Baseline: one evaluation of the sensor in this process (no daemon, no storage writes).
+    sensor = defs.resolve_sensor_def("inbox_sensor")
+    with dg.instance_for_test() as scratch:
+        t0 = time.perf_counter()
+        result = sensor(dg.build_sensor_context(instance=scratch, resources=defs.resources, definitions=defs))
+        tick = time.perf_counter() - t0
+    expected_runs = len(result.run_requests)
+
+    log = open(tmp / "services.log", "w")
+    t0 = time.perf_counter()
+    daemon = start_daemon(workspace_file(tmp / "workspace.yaml"), env, log)
+    marks = {}
+    try:
+        with dg.DagsterInstance.get() as instance:
+            while time.perf_counter() - t0 < 900 and len(marks) < 2:
+                if "partitions" not in marks and len(instance.get_dynamic_partitions("slides")) == n:
+                    marks["partitions"] = time.perf_counter() - t0
+                if "runs" not in marks and instance.get_runs_count() >= expected_runs:
+                    marks["runs"] = time.perf_counter() - t0
+                time.sleep(0.5)
+    finally:
+        stop(daemon)
+        log.close()
+    print(f"{n} new files: the sensor's evaluation alone {tick:.2f} s ({expected_runs} runs; baseline)")
+    print(f"real daemon from its start: all partitions after {marks.get('partitions', float('nan')):.1f} s, "
+          f"all {expected_runs} runs requested after {marks.get('runs', float('nan')):.1f} s "
+          f"({marks.get('runs', float('nan')) / tick:.0f} x the evaluation)")
+    save("sensor_daemon", {"files": n, "evaluation_s": tick, "runs": expected_runs, **marks})
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
