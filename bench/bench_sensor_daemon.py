@@ -1,6 +1,6 @@
-"""A large drop through a real daemon: N new files in the inbox of a freshly started daemon, timed until all
-of them are partitions and their runs are requested (queued), against the sensor's own tick measured in the
-same process as the baseline. The runs are not waited for (the files are not slides).
+"""A large drop through a real daemon: N new files in the inbox of a freshly started daemon; how long until all
+of them are partitions, and how many of their runs are requested within 3 minutes, against the sensor's own
+evaluation measured in the same process (the baseline). The runs themselves are not waited for.
 
     .venv/bin/python bench/bench_sensor_daemon.py [--files 10000]
 """
@@ -48,23 +48,22 @@ def main():
     log = open(tmp / "services.log", "w")
     t0 = time.perf_counter()
     daemon = start_daemon(workspace_file(tmp / "workspace.yaml"), env, log)
-    marks = {}
+    marks, window = {}, 180
     try:
         with dg.DagsterInstance.get() as instance:
-            while time.perf_counter() - t0 < 900 and len(marks) < 2:
+            while time.perf_counter() - t0 < window:
                 if "partitions" not in marks and len(instance.get_dynamic_partitions("slides")) == n:
                     marks["partitions"] = time.perf_counter() - t0
-                if "runs" not in marks and instance.get_runs_count() >= expected_runs:
-                    marks["runs"] = time.perf_counter() - t0
                 time.sleep(0.5)
+            requested = instance.get_runs_count()
     finally:
         stop(daemon)
         log.close()
-    print(f"{n} new files: the sensor's evaluation alone {tick:.2f} s ({expected_runs} runs; baseline)")
-    print(f"real daemon from its start: all partitions after {marks.get('partitions', float('nan')):.1f} s, "
-          f"all {expected_runs} runs requested after {marks.get('runs', float('nan')):.1f} s "
-          f"({marks.get('runs', float('nan')) / tick:.0f} x the evaluation)")
-    save("sensor_daemon", {"files": n, "evaluation_s": tick, "runs": expected_runs, **marks})
+    print(f"{n} new files: the sensor's evaluation alone {tick:.2f} s, {expected_runs} runs (baseline)")
+    print(f"real daemon from its start: all partitions after {marks.get('partitions', float('nan')):.1f} s; "
+          f"{requested} of {expected_runs} runs requested after {window} s")
+    save("sensor_daemon", {"files": n, "evaluation_s": tick, "runs": expected_runs, "window_s": window,
+                           "runs_requested_in_window": requested, **marks})
     shutil.rmtree(tmp, ignore_errors=True)
 
 

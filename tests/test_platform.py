@@ -11,7 +11,6 @@ import pytest
 
 from trident_assets.assets import Inbox
 from trident_assets.definitions import build_definitions
-from trident_assets.sensors import build_inbox_sensor
 from trident_assets.io_managers import TridentIOManager, output_relpath
 from trident_assets.keys import slide_key, validate_key
 from trident_assets.settings import PatchEncoderConfig, Settings, SlideEncoderConfig, load_settings
@@ -222,10 +221,6 @@ def test_sensor_batches_slides_per_run(cohort):
         first = sensor(dg.build_sensor_context(instance=instance, resources=defs.resources, definitions=defs))
         assert len(first.run_requests) == 2 and len(covered(first)) == 4  # a range of 3 and a single slide
         assert len({r.run_key for r in first.run_requests}) == 2
-    few = build_inbox_sensor(defs.resolve_job_def("process_slides"), 1, settle_seconds=0, max_runs=3)
-    with dg.instance_for_test() as instance:  # a big drop: at most max_runs runs, more slides in each
-        result = few(dg.build_sensor_context(instance=instance, resources=defs.resources, definitions=defs))
-        assert len(result.run_requests) == 2 and len(covered(result)) == 4  # 2 + 2, not 4 runs of 1
 
 
 def test_automation_sensor_runs_by_default():

@@ -14,13 +14,11 @@ from .io_managers import TridentIOManager
 
 ARRIVING_REPORT_SECONDS = 30 * 60  # a file still changing after this long is reported (once), not processed
 LATE_LISTING_SECONDS = 300  # how late a changed file may show in the inbox's listing and still be seen
-MAX_RUNS_PER_TICK = 32  # new slides of one tick go into at most this many runs (then more slides per run)
 
 
 def build_inbox_sensor(job, slides_per_run: int, settle_seconds: float,
                        give_up_seconds: float = ARRIVING_REPORT_SECONDS, running: bool = True,
-                       late_seconds: float = LATE_LISTING_SECONDS, max_runs: int = MAX_RUNS_PER_TICK
-                       ) -> dg.SensorDefinition:
+                       late_seconds: float = LATE_LISTING_SECONDS) -> dg.SensorDefinition:
     status = dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED
 
     @dg.sensor(job=job, minimum_interval_seconds=15, default_status=status,
@@ -68,10 +66,7 @@ def build_inbox_sensor(job, slides_per_run: int, settle_seconds: float,
             return dg.SensorResult(skip_reason=f"no new slides ready in {redact(inbox.path)} ({len(found)} known, "
                                                f"{len(waiting)} arriving)", cursor=new_cursor)
         new = [k for k in ready if k not in known]
-        # A drop of thousands: bigger runs, at most max_runs of them, since the daemon takes about a second
-        # (more with runs busy on every core) to create each run.
-        size = max(slides_per_run, -(-len(new) // max_runs))
-        runs = [_range_run(chunk, found) for chunk in _chunks(new, size)]
+        runs = [_range_run(chunk, found) for chunk in _chunks(new, slides_per_run)]
         runs += [_range_run([k], found) for k in ready if k in known]  # replaced files: one run each
         for k in ready:
             trident_io.clear_arriving(k)
