@@ -692,12 +692,17 @@ class TinySlideModel(PreTrainedModel):
 """
 
 
-@pytest.mark.parametrize("name", ["titan", "prism", "care"])
-def test_remote_code_slide_encoders_run_from_the_labs_folder_only_when_trusted(name, tmp_path):
-    (tmp_path / "modeling_tiny.py").write_text(REMOTE_CODE)
-    (tmp_path / "config.json").write_text(json.dumps({
+def remote_code_folder(folder) -> None:
+    """A lab's copy of a model that ships its code: config.json naming modeling_tiny.py, and that file."""
+    (folder / "modeling_tiny.py").write_text(REMOTE_CODE)
+    (folder / "config.json").write_text(json.dumps({
         "model_type": "tiny_slide", "architectures": ["TinySlideModel"], "in_dim": 8, "out_dim": 4,
         "auto_map": {"AutoConfig": "modeling_tiny.TinyConfig", "AutoModel": "modeling_tiny.TinySlideModel"}}))
+
+
+@pytest.mark.parametrize("name", ["titan", "prism", "care"])
+def test_remote_code_slide_encoders_run_from_the_labs_folder_only_when_trusted(name, tmp_path):
+    remote_code_folder(tmp_path)
     g = torch.Generator().manual_seed(4)
     weight, bias = torch.randn(4, 8, generator=g), torch.randn(4, generator=g)
     save_file({"proj.weight": weight, "proj.bias": bias}, str(tmp_path / "model.safetensors"))
@@ -718,10 +723,7 @@ def test_remote_code_slide_encoders_run_from_the_labs_folder_only_when_trusted(n
 
 
 def test_keep_runs_its_encode_image_from_the_labs_folder(tmp_path):
-    (tmp_path / "modeling_tiny.py").write_text(REMOTE_CODE)
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "tiny_slide", "architectures": ["TinySlideModel"], "in_dim": 8, "out_dim": 4,
-        "auto_map": {"AutoConfig": "modeling_tiny.TinyConfig", "AutoModel": "modeling_tiny.TinySlideModel"}}))
+    remote_code_folder(tmp_path)
     save_file({"proj.weight": torch.eye(4, 8), "proj.bias": torch.zeros(4)}, str(tmp_path / "model.safetensors"))
     enc = encoder_factory("keep", weights_path=tmp_path, trust_remote_code=True)
     x = image()

@@ -158,9 +158,10 @@ def _changed(info: dict) -> float:
     if "ino" not in info:  # not a local file
         return _mtime(info)
     try:  # fsspec's "created" is the birth time where there is one, and a link's own times
-        return max(os.lstat(info["name"]).st_ctime, os.stat(info["name"]).st_ctime)
+        stamp = os.stat(info["name"]).st_ctime
     except OSError:  # a dangling link, or deleted since the listing
         return info.get("created") or 0.0
+    return max(stamp, os.lstat(info["name"]).st_ctime) if info.get("islink") else stamp
 
 
 def _tree(fs, path: str) -> tuple[int, float, float, bool]:

@@ -119,10 +119,6 @@ class GenBioPathFM(nn.Module):
         return self.norm(t[:, 0]).reshape(b, -1)
 
 
-def _genbio_sd(sd: dict, model=None) -> dict:
-    return {k: v for k, v in sd.items() if k != "mask_token"}  # used in pre-training only
-
-
 register(EncoderSpec("genbio-pathfm", 4608, GenBioPathFM, GENBIO, crop=False, precision="bf16",
                      hub_repo="genbio-ai/genbio-pathfm", weight_files=("model.pth",), patch_size=224,
-                     adapt_state_dict=_genbio_sd, ignore_prefixes=(), licence="GenBio AI Community License"))
+                     ignore_prefixes=("mask_token",), licence="GenBio AI Community License"))  # pre-training only
