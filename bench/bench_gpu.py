@@ -6,7 +6,8 @@ On a generated 40x slide (levels at 1x, 4x, 16x as Aperio writes them) read at 2
   end to end       patch_features: reading, transforms, batching, transfer and model together
 for uni_v1 (ViT-L/16, random weights) and resnet50, fp16 and bf16 autocast, batch 256 and 512 (model only;
 end to end at the larger), default and fast_read; also nvJPEG (torchvision.io.decode_jpeg on the GPU) on the
-slide's tiles, to say whether decoding there would pay. Results go to <out>/gpu.json, rewritten after every
+slide's tiles, to say whether decoding there would pay; and the agreement (minimum cosine over 64 patches) of
+the device's features, autocast, default and fast read, with fp32 features computed on the CPU. Results go to <out>/gpu.json, rewritten after every
 measurement so a run cut short keeps what it measured. Run by bench/gpu.sh; ``--small`` is its CPU fallback.
 
     python bench/bench_gpu.py --out DIR [--small] [--budget 240]
@@ -101,9 +102,16 @@ def main():
     for name in ("uni_v1", "resnet50"):
         torch.manual_seed(0)
         enc = encoder_factory(name, pretrained=False)
+        # Agreement: the device's features (autocast, default and fast read) against fp32 on the CPU.
+        check = coords[:min(tissue, 64 if cuda else 8)]
+        enc.precision = torch.float32
+        reference = patch_features(wsi, enc, check, attrs, "cpu", 32, num_workers=workers)
         for prec, dtype in PRECISIONS.items():
             enc.precision = dtype  # the autocast dtype embed_batches uses on CUDA
             row = results["models"][f"{name}/{prec}"] = {}
+            for fast in (False, True):
+                got = patch_features(wsi, enc, check, attrs, device, 64, num_workers=workers, fast_read=fast)
+                row[f"cosine_min_vs_cpu_fp32/{'fast' if fast else 'default'}"] = round(min_cosine(got, reference), 5)
             model = prepare_encoder(enc, torch.device(device))
             x = torch.randn(max(batches), 3, 224, 224, device=device)
             for b in batches:
@@ -130,6 +138,11 @@ def main():
     results["load_after"] = os.getloadavg()
     save()
     print(f"wrote {out / 'gpu.json'} in {time.perf_counter() - t_start:.0f}s")
+
+
+def min_cosine(a, b) -> float:
+    a, b = torch.from_numpy(a).double(), torch.from_numpy(b).double()
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=1).min())
 
 
 def model_only(model, x, device, cuda) -> float:
