@@ -99,11 +99,11 @@ def default_num_workers(device: str = "cpu") -> int:
     """Reader processes when none are asked for. A model on a small CPU already uses every core: a reader
     process there only preempts its threads (measured on 2 cores: end-to-end / model-only 0.84-0.89 with
     one reader process, 0.96-0.99 reading in the model's process), so read in-process. Otherwise leave one
-    core for the main process."""
+    core for the main process; a GPU outruns every reader a machine has (bench/gpu.sh), so it gets them all."""
     cores = os.cpu_count() or 2
-    if not str(device).startswith("cuda") and cores <= 4:
-        return 0
-    return max(1, min(8, cores - 1))
+    if str(device).startswith("cuda"):
+        return max(1, cores - 1)
+    return 0 if cores <= 4 else min(8, cores - 1)
 
 
 def _lower_priority(_worker_id: int) -> None:

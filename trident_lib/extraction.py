@@ -15,6 +15,9 @@ from .io import atomic_path, read_coords_h5, read_features_h5, save_features_h5
 from .patching import patcher_from_coords
 
 
+READER_BATCH = 32  # patches per batch a reader process makes
+
+
 def autocast_context(device: torch.device, precision: torch.dtype, fast_cpu: bool = False):
     """On CUDA, the encoder's own precision (TRIDENT's behaviour). On CPU, exact fp32 unless the opt-in
     fast path asks for bf16 autocast."""
@@ -31,22 +34,46 @@ def prepare_encoder(encoder: torch.nn.Module, device: torch.device, fast_cpu: bo
     return encoder.to(device).eval()
 
 
-def embed_batches(encoder, batches, device: torch.device, fast_cpu: bool = False, to_input=None) -> np.ndarray:
+def embed_batches(encoder, batches, device: torch.device, fast_cpu: bool = False, to_input=None,
+                  batch_size: int | None = None) -> np.ndarray:
     """Run the encoder over an iterable of (images, ...) batches; (N, D) float32. ``to_input`` turns a batch into
-    the model's input once on the device (patch_loader's uint8 batches)."""
-    out, inputs = [], None
+    the model's input once on the device (patch_loader's uint8 batches); ``batch_size`` joins the incoming
+    batches into model batches of that size on the device."""
+    out, inputs, pending = [], None, None
     precision = getattr(encoder, "precision", torch.float32)
     with torch.inference_mode(), autocast_context(device, precision, fast_cpu):
-        for imgs, *_ in batches:
-            imgs = imgs.to(device, non_blocking=True)
+        for imgs in _on_device(batches, device, batch_size):
             if to_input is not None:
-                imgs = inputs = to_input(imgs, inputs)  # refills the last batch's input, used up by now
+                imgs = inputs = to_input(imgs, inputs)  # refills the last batch's input (stream order keeps it safe)
             if fast_cpu and device.type == "cpu":
                 imgs = imgs.contiguous(memory_format=torch.channels_last)
-            out.append(encoder(imgs).float().cpu())
+            # One batch behind: copying a batch's features back waits for it, while the next one is queued.
+            if pending is not None:
+                out.append(pending.float().cpu())
+            pending = encoder(imgs)
+    if pending is not None:
+        out.append(pending.float().cpu())
     if not out:
         return np.zeros((0, 0), np.float32)
     return torch.cat(out).numpy()
+
+
+def _on_device(batches, device: torch.device, size: int | None):
+    """The batches' images moved to the device; with ``size``, joined there into batches of that size."""
+    held, n = [], 0
+    for imgs, *_ in batches:
+        imgs = imgs.to(device, non_blocking=True)
+        if size is None:
+            yield imgs
+            continue
+        held.append(imgs)
+        n += len(imgs)
+        if n >= size:
+            joined = torch.cat(held) if len(held) > 1 else held[0]
+            yield joined[:size]
+            held, n = ([joined[size:]] if n > size else []), n - size
+    if held:
+        yield torch.cat(held)
 
 
 class _TileDataset(WSIPatcherDataset):
@@ -84,11 +111,14 @@ def patch_features(wsi, patch_encoder, coords: np.ndarray, attrs: dict, device: 
         stats["blank_tiles"] = 0
     if not len(coords):
         return np.zeros((0, getattr(patch_encoder, "embedding_dim", None) or 0), np.float32)
-    loader, to_input = patch_loader(wsi, coords, attrs, patch_encoder.eval_transforms, batch_limit, num_workers,
-                                    device, fast_read)
+    # Readers make small batches, joined into model batches on the device: a reader making a whole 512-patch
+    # batch would leave the GPU waiting seconds for the first, and few batches would leave readers idle.
+    loader, to_input = patch_loader(wsi, coords, attrs, patch_encoder.eval_transforms, min(batch_limit, READER_BATCH),
+                                    num_workers, device, fast_read)
     blanks = []
     batches = ((imgs, blanks.append(int(b.sum()))) for imgs, _, b in loader)
-    features = embed_batches(prepare_encoder(patch_encoder, dev, fast_cpu), batches, dev, fast_cpu, to_input)
+    features = embed_batches(prepare_encoder(patch_encoder, dev, fast_cpu), batches, dev, fast_cpu, to_input,
+                             batch_limit)
     if stats is not None:
         stats["blank_tiles"] = sum(blanks)
     return features
