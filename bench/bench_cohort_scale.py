@@ -57,7 +57,7 @@ def sensor_ticks(defs, instance, inbox: Path, n: int) -> dict:
     inbox.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         (inbox / f"slide-{i:05d}.svs").write_bytes(b"x")
-    sensor = build_inbox_sensor(defs.resolve_job_def("process_slides"), 16, settle_seconds=0, late_seconds=1)
+    sensor = build_inbox_sensor(16, settle_seconds=0, late_seconds=1)
     out, cursor = {}, None
     for name in ("new_files", "quiet", "one_more"):
         if name == "quiet":

@@ -8,6 +8,7 @@ level-0 read of four 256-px JPEG tiles, resized to 256) and a 20x slide read at 
   b_openslide bare openslide.read_region of the same regions
   c_decode    bare decoding of the same JPEG tiles: bytes at tifffile's offsets, Pillow (libjpeg-turbo)
   c_imagecodecs  the same with imagecodecs (libjpeg-turbo without Pillow's parsing and copies): the floor
+  c_reduced   the same tiles decoded at the fast path's reduced size (OpenCV, libjpeg's DCT scaling): its floor
 each in one process and with W reader processes. Figures are patches/s per core (W processes count W cores)
 and patches per CPU-second (all processes; steadier on a shared machine); ratios are per round, median of
 ROUNDS alternating rounds, so drift in the machine's speed favours no column. Also: every patch's features
@@ -22,6 +23,7 @@ import os
 import resource
 import time
 
+import cv2
 import imagecodecs
 import numpy as np
 import openslide
@@ -40,6 +42,7 @@ from trident_lib.segmentation_models import segmentation_model_factory
 from trident_lib.synthetic import Ellipse, SlideSpec
 
 BATCH = 64
+REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4}
 ROUNDS = 3
 SLIDES = {
     "40x": SlideSpec(16384, 12288, levels=3, level_scale=4, seed=21, tissue=[Ellipse(8192, 6144, 7900, 5900)]),
@@ -51,8 +54,8 @@ SLIDES = {
 class Bare(Dataset):
     """One bare read per item, nothing returned: OpenSlide's read_region, or decoding the region's JPEG tiles."""
 
-    def __init__(self, path, regions, how):
-        self.path, self.regions, self.how, self.pid = path, regions, how, None
+    def __init__(self, path, regions, how, scale=1):
+        self.path, self.regions, self.how, self.scale, self.pid = path, regions, how, scale, None
 
     def _open(self):
         if self.pid == os.getpid():
@@ -87,6 +90,9 @@ class Bare(Dataset):
                     continue
                 if tables:
                     data = tables[:-2] + data[2:]
+                if self.how == "reduced":
+                    cv2.imdecode(np.frombuffer(data, np.uint8), REDUCED[self.scale])
+                    continue
                 Image.open(io.BytesIO(data)).load()
         return 0
 
@@ -110,7 +116,7 @@ def loaders(wsi, path, coords, attrs, transform, workers):
     regions = [(int(x), int(y), p.level, p.read_size, ds, wsi.level_dimensions[p.level]) for x, y in coords]
 
     def bare(how):
-        return DataLoader(Bare(path, regions, how), batch_size=BATCH, num_workers=workers,
+        return DataLoader(Bare(path, regions, how, p.read_scale), batch_size=BATCH, num_workers=workers,
                           multiprocessing_context="fork" if workers else None)
 
     def ours(fast_read):
@@ -136,6 +142,7 @@ def loaders(wsi, path, coords, attrs, transform, workers):
         "b_openslide": lambda: bare("openslide"),
         "c_decode": lambda: bare("decode"),
         "c_imagecodecs": lambda: bare("imagecodecs"),
+        "c_reduced": lambda: bare("reduced"),
     }
 
 
@@ -153,7 +160,7 @@ def measure(wsi, path, coords, attrs, transform, workers):
         out[name] = {"per_core": float(np.median([r[name][0] for r in rounds])),
                      "per_cpu_second": float(np.median([r[name][1] for r in rounds]))}
     for a in ("a_default", "a_fast", "a_before"):
-        for base in ("b_openslide", "c_decode", "c_imagecodecs", "a_default", "a_before"):
+        for base in ("b_openslide", "c_decode", "c_imagecodecs", "c_reduced", "a_default", "a_before"):
             if a != base:
                 out[f"{a}/{base}"] = float(np.median([r[a][0] / r[base][0] for r in rounds]))
     return out

@@ -1,6 +1,6 @@
 """End to end: a real daemon and webserver; slides copied into the inbox slowly, or under a temporary name,
-become slide embeddings with one successful run each; slides dropped together run together, and a slide
-replaced in place runs again."""
+become slide embeddings with one successful run each; slides dropped together run together, a slide
+replaced in place runs again, and a drop above backfill_above_slides becomes one backfill."""
 
 import os
 import shutil
@@ -9,11 +9,12 @@ import urllib.request
 
 import h5py
 
-from trident_assets.services import (free_port, graphql, instance_home, start_daemon, start_webserver, stop,
-                                     workspace_file)
+from trident_assets.services import (backfill_runs, backfill_status, free_port, graphql, instance_home,
+                                     start_daemon, start_webserver, stop, workspace_file)
 
 
 RUNS = "{ runsOrError { ... on Runs { results { runId status tags { key value } } } } }"
+BACKFILLS = "{ partitionBackfillsOrError { ... on PartitionBackfills { results { id numPartitions } } } }"
 
 
 def test_inbox_to_embedding_with_daemon(tmp_path, slides):
@@ -21,7 +22,7 @@ def test_inbox_to_embedding_with_daemon(tmp_path, slides):
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
     config = tmp_path / "trident.yaml"
-    config.write_text(f"inbox: {inbox}\nstorage: {out}\npatch_encoders:\n  - name: efficientnet_lite0\n"
+    config.write_text(f"inbox: {inbox}\nstorage: {out}\nbackfill_above_slides: 4\npatch_encoders:\n  - name: efficientnet_lite0\n"
                       f"    batch_size: 16\nslide_encoders:\n  - mean-efficientnet_lite0\n")
     workspace = workspace_file(tmp_path / "workspace.yaml")
     env = {**os.environ, "DAGSTER_HOME": str(home), "TRIDENT_CONFIG": str(config), "PYTHONUNBUFFERED": "1"}
@@ -83,6 +84,25 @@ def test_inbox_to_embedding_with_daemon(tmp_path, slides):
                   for t in tags if "dagster/asset_partition_range_start" in t]
         assert any(a.startswith("batch") and b.startswith("batch") and a != b for a, b in ranges)  # run together
         assert [t.get("dagster/partition") for t in tags].count("other.svs") == 2
+
+        # Five slides at once (above backfill_above_slides): one backfill over them, whose run makes them.
+        drop = [f"drop {i}.svs" for i in range(5)]
+        for name in drop:
+            shutil.copy(slides["aperio_20x"], inbox / f"{name}.part")
+        for name in drop:
+            os.replace(inbox / f"{name}.part", inbox / name)
+        deadline = time.time() + 420
+        while time.time() < deadline and len(list(target.glob("*.h5"))) < 10:
+            assert daemon.poll() is None, (tmp_path / "services.log").read_text()[-3000:]
+            time.sleep(3)
+        assert len(list(target.glob("*.h5"))) == 10, (tmp_path / "services.log").read_text()[-5000:]
+        [backfill] = graphql(port, BACKFILLS)["data"]["partitionBackfillsOrError"]["results"]
+        assert backfill["numPartitions"] == 5
+        deadline = time.time() + 120
+        while time.time() < deadline and backfill_status(port, backfill["id"]) is None:
+            time.sleep(3)
+        assert backfill_status(port, backfill["id"]) == "COMPLETED_SUCCESS"
+        assert [r["status"] for r in backfill_runs(port, backfill["id"])] == ["SUCCESS"]  # the 5 in one run
 
         nodes = graphql(port, "{ assetNodes { assetKey { path } } }")["data"]["assetNodes"]
         paths = {"/".join(n["assetKey"]["path"]) for n in nodes}

@@ -72,7 +72,7 @@ def test_sensor_waits_reports_a_slide_that_never_settles_once(tmp_path):
     inbox.mkdir()
     settings = Settings(inbox=str(inbox), storage=str(tmp_path / "out"))
     defs = build_definitions(settings)
-    sensor = build_inbox_sensor(defs.resolve_job_def("process_slides"), 50, settle_seconds=0.6, give_up_seconds=1.5)
+    sensor = build_inbox_sensor(50, settle_seconds=0.6, give_up_seconds=1.5)
     (inbox / "m.mrxs").write_bytes(b"index")  # the data folder arrives last
     (inbox / "s.svs").write_bytes(b"x" * 10)
     with dg.instance_for_test() as instance:
@@ -123,7 +123,7 @@ def test_sensor_cursor_holds_only_recent_changes(tmp_path):
     inbox.mkdir()
     elsewhere.mkdir()
     defs = build_definitions(Settings(inbox=str(inbox), storage=str(tmp_path / "out")))
-    sensor = build_inbox_sensor(defs.resolve_job_def("process_slides"), 50, settle_seconds=0, late_seconds=1)
+    sensor = build_inbox_sensor(50, settle_seconds=0, late_seconds=1)
     for i in range(40):
         (inbox / f"old{i:02d}.svs").write_bytes(b"x" * 10)
     (elsewhere / "archived.svs").write_bytes(b"a" * 10)
@@ -179,7 +179,7 @@ def test_sensor_cursor_holds_only_recent_changes(tmp_path):
         state["cursor"] = old_format  # the cursor of the previous version: nothing runs again
         assert tick() == []
         (inbox / "offline").mkdir()  # the share unmounted: an empty listing keeps the cursor
-        empty = build_inbox_sensor(defs.resolve_job_def("process_slides"), 50, settle_seconds=0)
+        empty = build_inbox_sensor(50, settle_seconds=0)
         defs_empty = build_definitions(Settings(inbox=str(inbox / "offline"), storage=str(tmp_path / "out")))
         result = empty(dg.build_sensor_context(instance=instance, cursor=state["cursor"],
                                                resources=defs_empty.resources, definitions=defs_empty))

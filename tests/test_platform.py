@@ -223,6 +223,20 @@ def test_sensor_batches_slides_per_run(cohort):
         assert len({r.run_key for r in first.run_requests}) == 2
 
 
+def test_sensor_requests_a_big_drop_as_one_backfill(cohort):
+    settings, _ = cohort
+    defs = build_definitions(Settings(**{**settings.__dict__, "slides_per_run": 3, "backfill_above_slides": 3}))
+    sensor = defs.resolve_sensor_def("inbox_sensor")
+    with dg.instance_for_test() as instance:
+        first = sensor(dg.build_sensor_context(instance=instance, resources=defs.resources, definitions=defs))
+        [request] = first.run_requests  # 4 slides > 3: one backfill, not two runs
+        subset = request.asset_graph_subset
+        keys = first.dynamic_partitions_requests[0].partition_keys
+        assert request.requires_backfill_daemon() and request.tags["trident/slides"] == "4"
+        assert subset.asset_keys == defs.resolve_job_def("process_slides").asset_layer.selected_asset_keys
+        assert all(sorted(s.get_partition_keys()) == sorted(keys) for s in subset.partitions_subsets_by_asset_key.values())
+
+
 def test_automation_sensor_runs_by_default():
     defs = build_definitions(load_settings())
     auto = defs.resolve_sensor_def("trident_automation")

@@ -33,6 +33,7 @@ from .io_managers import COORDS_DIR_KEY, Coords, Features, Tissue, TridentIOMana
 from .settings import Settings, version_of, weights_fingerprint
 
 slides = dg.DynamicPartitionsDefinition(name="slides")
+PER_SLIDE = dg.AssetSelection.groups("slides", "features")  # the assets partitioned by slide
 warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_policy.*")
 
 LIB = trident_lib.__version__

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from . import dagster_fixes
-from .assets import Inbox, build_assets, slides
+from .assets import PER_SLIDE, Inbox, build_assets
 from .io_managers import TridentIOManager
 from .scaleout import executor_def
 from .sensors import build_automation_sensor, build_inbox_sensor
@@ -17,8 +17,7 @@ def build_definitions(settings: Settings | None = None, resources: dict | None =
     dagster_fixes.apply()
     settings = settings or load_settings()
     assets = build_assets(settings)
-    per_slide = [a for a in assets if a.partitions_def is not None]
-    process_slides = dg.define_asset_job("process_slides", selection=per_slide, partitions_def=slides,
+    process_slides = dg.define_asset_job("process_slides", selection=PER_SLIDE,
                                          description="Every per-slide asset for the selected slides.")
     cohort = dg.define_asset_job("refresh_cohort_tables", selection=dg.AssetSelection.groups("cohort"))
     return dg.Definitions(
@@ -26,8 +25,8 @@ def build_definitions(settings: Settings | None = None, resources: dict | None =
         # The `executor` setting: in-process (embedded), Celery workers with a GPU queue, or Kubernetes jobs.
         executor=executor_def(settings),
         jobs=[process_slides, cohort],
-        sensors=[build_inbox_sensor(process_slides, settings.slides_per_run, settings.inbox_settle_seconds,
-                                    running=settings.inbox_sensor),
+        sensors=[build_inbox_sensor(settings.slides_per_run, settings.inbox_settle_seconds,
+                                    running=settings.inbox_sensor, backfill_above=settings.backfill_above_slides),
                  build_automation_sensor()],
         resources={
             "inbox": Inbox(path=settings.resolve(settings.inbox), extensions=list(settings.extensions),

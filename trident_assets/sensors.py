@@ -6,24 +6,29 @@ import json
 import time
 
 import dagster as dg
+from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset  # backfill requests
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from .assets import Inbox, slides
+from .assets import PER_SLIDE, Inbox, slides
 from .inbox import redact, settle
 from .io_managers import TridentIOManager
+from .settings import Settings
 
 ARRIVING_REPORT_SECONDS = 30 * 60  # a file still changing after this long is reported (once), not processed
 LATE_LISTING_SECONDS = 300  # how late a changed file may show in the inbox's listing and still be seen
 
 
-def build_inbox_sensor(job, slides_per_run: int, settle_seconds: float,
+def build_inbox_sensor(slides_per_run: int, settle_seconds: float,
                        give_up_seconds: float = ARRIVING_REPORT_SECONDS, running: bool = True,
-                       late_seconds: float = LATE_LISTING_SECONDS) -> dg.SensorDefinition:
+                       late_seconds: float = LATE_LISTING_SECONDS,
+                       backfill_above: int = Settings.backfill_above_slides) -> dg.SensorDefinition:
     status = dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED
 
-    @dg.sensor(job=job, minimum_interval_seconds=15, default_status=status,
+    # Targets assets, not a job: a sensor may request backfills only then.
+    @dg.sensor(asset_selection=PER_SLIDE, minimum_interval_seconds=15, default_status=status,
                description="Registers new slide files as partitions once they have finished arriving, and "
-                           "requests their runs in the same tick, several slides per run.")
+                           "requests their runs in the same tick, several slides per run (a big drop: one "
+                           "backfill).")
     def inbox_sensor(context: dg.SensorEvaluationContext, inbox: Inbox,
                      trident_io: dg.ResourceParam[TridentIOManager]):
         # The cursor stays small: files that changed before "since" (by the share's clock) were handled in
@@ -66,11 +71,18 @@ def build_inbox_sensor(job, slides_per_run: int, settle_seconds: float,
             return dg.SensorResult(skip_reason=f"no new slides ready in {redact(inbox.path)} ({len(found)} known, "
                                                f"{len(waiting)} arriving)", cursor=new_cursor)
         new = [k for k in ready if k not in known]
-        runs = [_range_run(chunk, found) for chunk in _chunks(new, slides_per_run)]
-        runs += [_range_run([k], found) for k in ready if k in known]  # replaced files: one run each
+        if len(ready) > backfill_above:
+            # The daemon takes seconds to create each run (planned events per slide and asset): a big drop is
+            # one backfill, requested now, whose runs of slides_per_run the backfill daemon creates.
+            asset_keys = PER_SLIDE.resolve(context.repository_def.asset_graph)
+            runs = [_backfill(new + [k for k in ready if k in known], asset_keys)]
+        else:
+            runs = [_range_run(chunk, found) for chunk in _chunks(new, slides_per_run)]
+            runs += [_range_run([k], found) for k in ready if k in known]  # replaced files: one run each
         for k in ready:
             trident_io.clear_arriving(k)
-        context.log.info(f"{len(ready)} slide(s) to process ({len(new)} new) in {len(runs)} run(s); "
+        context.log.info(f"{len(ready)} slide(s) to process ({len(new)} new) in "
+                         f"{'one backfill' if len(ready) > backfill_above else f'{len(runs)} run(s)'}; "
                          f"{len(waiting)} still arriving")
         return dg.SensorResult(run_requests=runs, dynamic_partitions_requests=[slides.build_add_request(new)]
                                if new else [], cursor=new_cursor)
@@ -92,6 +104,12 @@ def _range_run(keys: list[str], found: dict) -> dg.RunRequest:
     return dg.RunRequest(run_key=f"{keys[0]}..{keys[-1]}:{digest}",
                          tags={ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1],
                                "trident/slides": str(len(keys))})
+
+
+def _backfill(keys: list[str], asset_keys) -> dg.RunRequest:
+    subset = slides.empty_subset().with_partition_keys(keys)
+    graph_subset = AssetGraphSubset(partitions_subsets_by_asset_key={k: subset for k in asset_keys})
+    return dg.RunRequest.for_asset_graph_subset(graph_subset, tags={"trident/slides": str(len(keys))})
 
 
 def build_automation_sensor() -> dg.AutomationConditionSensorDefinition:
