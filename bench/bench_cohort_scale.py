@@ -51,7 +51,7 @@ def refresh(defs, instance) -> tuple[float, int]:
 
 def sensor_ticks(defs, instance, inbox: Path, n: int) -> dict:
     """First tick over n new files (partitions added as the daemon would), a quiet tick once they are older
-    than the listing margin, and a tick after one more file: time, runs requested, cursor size."""
+    than the listing margin, and a tick after one more file: time, runs and backfills requested, cursor size."""
     from trident_assets.sensors import build_inbox_sensor
 
     inbox.mkdir(parents=True, exist_ok=True)
@@ -69,8 +69,9 @@ def sensor_ticks(defs, instance, inbox: Path, n: int) -> dict:
                                                 definitions=defs))
         for request in result.dynamic_partitions_requests:
             instance.add_dynamic_partitions("slides", request.partition_keys)
-        out[name] = {"seconds": time.perf_counter() - t0, "runs": len(result.run_requests),
-                     "cursor_bytes": len(result.cursor)}
+        backfills = sum(r.requires_backfill_daemon() for r in result.run_requests)
+        out[name] = {"seconds": time.perf_counter() - t0, "runs": len(result.run_requests) - backfills,
+                     "backfills": backfills, "cursor_bytes": len(result.cursor)}
         cursor = result.cursor
     return out
 
@@ -108,7 +109,7 @@ def main():
         print(f"{n:>6} slides: full cohort_qc build {full:6.2f} s ({read_full} read, baseline); after one new slide "
               f"{one:6.2f} s ({read_one} read, {one / full:.2f} x); automation tick {auto_empty:6.2f} s with "
               f"nothing materialized, {auto_done:6.2f} s after")
-        print("        inbox sensor: " + "; ".join(f"{k} {v['seconds']:.2f} s, {v['runs']} runs, cursor "
+        print("        inbox sensor: " + "; ".join(f"{k} {v['seconds']:.2f} s, {v['runs']} runs, {v['backfills']} backfills, cursor "
                                                     f"{v['cursor_bytes']} B" for k, v in ticks.items()))
     save("cohort_scale", results)
 
