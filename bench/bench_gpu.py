@@ -152,7 +152,7 @@ def main():
 
 def threads_per_core() -> int | None:
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
         return int(next(line.split(":")[1] for line in out.splitlines() if line.startswith("Thread(s) per core")))
     except Exception:  # noqa: BLE001  information only
         return None

@@ -81,9 +81,12 @@ def test_low_resolution_slide_and_failed_run_in_status(platform):
         assert feats["camelyon.dcm"].features.shape == (0, 1280)  # no features computed
         assert feats["camelyon.dcm"].provenance["status"] == "too_low_resolution"
 
-        broken = job.execute_in_process(partition_key="truncated.svs", instance=instance, raise_on_error=False)
+        # As the inbox sensor runs a slide: the per-slide assets in Dagster's asset job, not process_slides.
+        sensor_job = defs.resolve_implicit_global_asset_job_def()
+        broken = sensor_job.execute_in_process(partition_key="truncated.svs", instance=instance,
+                                               asset_selection=list(job.asset_layer.selected_asset_keys),
+                                               raise_on_error=False)
         assert not broken.success
-        # An in-process run carries no partition tag of a sensor run: tag it as the sensor does.
         run = instance.get_run_by_id(broken.run_id)
         assert run.tags.get("dagster/partition") == "truncated.svs"
 

@@ -472,7 +472,8 @@ def qc_table(settings: Settings, trident_io: TridentIOManager, keys: list[str], 
 def failed_run_errors(instance: dg.DagsterInstance, keys: list[str]) -> dict[str, str]:
     """The error message of each of ``keys`` whose latest single-slide run failed (one query for the runs)."""
     wanted, out, done = set(keys), {}, set()
-    for record in instance.get_run_records(dg.RunsFilter(job_name="process_slides"), limit=2000):  # newest first
+    # Newest first, whatever the job: the inbox sensor's runs are Dagster's asset job, not process_slides.
+    for record in instance.get_run_records(limit=2000):
         k = record.dagster_run.tags.get("dagster/partition")
         if k not in wanted or k in done:
             continue

@@ -14,7 +14,6 @@ from .fastpath import fast_cpu_variant
 from .io import atomic_path, read_coords_h5, read_features_h5, save_features_h5
 from .patching import patcher_from_coords
 
-
 READER_BATCH = 32  # patches per batch a reader process makes
 
 
