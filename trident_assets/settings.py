@@ -81,7 +81,7 @@ class Settings:
     inbox_sensor: bool = True  # false: the inbox sensor starts stopped (slides are then added by hand or CLI)
     inbox_settle_seconds: float = 30.0  # a slide is processed once its files stopped changing for this long
     slides_per_run: int = 16  # slides that arrive together (sensor) or are backfilled run this many per run
-    backfill_above_slides: int = 128  # a drop of more slides than this is requested as one backfill
+    backfill_above_slides: int = 256  # a drop of more slides than this is requested as one backfill
     slide_cache_dir: str = "data/slide-cache"  # local copies of remote (fsspec) slides for OpenSlide
     slide_cache_max_gb: float = 50.0  # least recently used copies are evicted past this
     # in_process: a run's steps in the run's own process (the embedded setting); celery: steps on Celery workers,
