@@ -42,7 +42,8 @@ from trident_lib.segmentation_models import segmentation_model_factory
 from trident_lib.synthetic import Ellipse, SlideSpec
 
 BATCH = 64
-REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4}
+REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+           8: cv2.IMREAD_REDUCED_COLOR_8}
 ROUNDS = 3
 SLIDES = {
     "40x": SlideSpec(16384, 12288, levels=3, level_scale=4, seed=21, tissue=[Ellipse(8192, 6144, 7900, 5900)]),

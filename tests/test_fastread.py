@@ -9,7 +9,7 @@ from conftest import fixture_slide
 from PIL import Image
 
 import trident_lib as tl
-from trident_lib.extraction import patch_features, patch_loader
+from trident_lib.extraction import embed_batches, patch_features, patch_loader
 from trident_lib.patch_encoder_models import encoder_factory
 from trident_lib.patching import patcher_from_coords, tissue_coords
 from trident_lib.segmentation_models import segmentation_model_factory
@@ -143,3 +143,21 @@ def test_slides_without_jpeg_tiles_take_the_default_path():
         exact = patch_features(wsi, enc, coords, attrs, "cpu", 4)
         fast = patch_features(wsi, enc, coords, attrs, "cpu", 4, fast_read=True)
     np.testing.assert_array_equal(exact, fast)
+
+
+@pytest.mark.parametrize("incoming, size", [(32, 512), (50, 32), (64, 100), (8, 8), (7, None)])
+def test_reader_batches_are_joined_into_model_batches_in_order(incoming, size):
+    """Readers' small batches become model batches of ``size`` on the device: every row once, in order, and
+    the model sees batches of exactly ``size`` but the last."""
+    images = torch.arange(617, dtype=torch.float32).reshape(-1, 1).repeat(1, 3)
+    seen = []
+
+    def model(x):
+        seen.append(len(x))
+        return x * 2
+
+    batches = [(images[i:i + incoming], None) for i in range(0, len(images), incoming)]
+    out = embed_batches(model, batches, torch.device("cpu"), batch_size=size)
+    assert np.array_equal(out, images.numpy() * 2)
+    if size is not None:
+        assert all(n == size for n in seen[:-1]) and 0 < seen[-1] <= size

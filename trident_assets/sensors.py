@@ -109,7 +109,8 @@ def _range_run(keys: list[str], found: dict) -> dg.RunRequest:
 def _backfill(keys: list[str], asset_keys) -> dg.RunRequest:
     subset = slides.empty_subset().with_partition_keys(keys)
     graph_subset = AssetGraphSubset(partitions_subsets_by_asset_key={k: subset for k in asset_keys})
-    return dg.RunRequest.for_asset_graph_subset(graph_subset, tags={"trident/slides": str(len(keys))})
+    # The backfill's tags go on each of its runs: name the drop's size, not the run's.
+    return dg.RunRequest.for_asset_graph_subset(graph_subset, tags={"trident/drop_slides": str(len(keys))})
 
 
 def build_automation_sensor() -> dg.AutomationConditionSensorDefinition:

@@ -99,10 +99,11 @@ def default_num_workers(device: str = "cpu") -> int:
     """Reader processes when none are asked for. A model on a small CPU already uses every core: a reader
     process there only preempts its threads (measured on 2 cores: end-to-end / model-only 0.84-0.89 with
     one reader process, 0.96-0.99 reading in the model's process), so read in-process. Otherwise leave one
-    core for the main process; a GPU outruns every reader a machine has (bench/gpu.sh), so it gets them all."""
-    cores = os.cpu_count() or 2
+    core for the main process; a GPU outruns every reader a machine has (bench/gpu.sh), so each GPU gets its
+    share of the cores this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     if str(device).startswith("cuda"):
-        return max(1, cores - 1)
+        return max(1, cores // max(1, torch.cuda.device_count()) - 1)
     return 0 if cores <= 4 else min(8, cores - 1)
 
 

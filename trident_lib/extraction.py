@@ -46,7 +46,8 @@ def embed_batches(encoder, batches, device: torch.device, fast_cpu: bool = False
                 imgs = inputs = to_input(imgs, inputs)  # refills the last batch's input (stream order keeps it safe)
             if fast_cpu and device.type == "cpu":
                 imgs = imgs.contiguous(memory_format=torch.channels_last)
-            # One batch behind: copying a batch's features back waits for it, while the next one is queued.
+            # One batch behind: the previous batch's features are copied back (waiting for its model) only
+            # once this batch is read, moved and prepared, so that work overlaps the previous batch's model.
             if pending is not None:
                 out.append(pending.float().cpu())
             pending = encoder(imgs)
@@ -69,8 +70,10 @@ def _on_device(batches, device: torch.device, size: int | None):
         n += len(imgs)
         if n >= size:
             joined = torch.cat(held) if len(held) > 1 else held[0]
-            yield joined[:size]
-            held, n = ([joined[size:]] if n > size else []), n - size
+            while len(joined) >= size:
+                yield joined[:size]
+                joined = joined[size:]
+            held, n = ([joined] if len(joined) else []), len(joined)
     if held:
         yield torch.cat(held)
 
