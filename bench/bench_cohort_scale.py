@@ -109,8 +109,9 @@ def main():
         print(f"{n:>6} slides: full cohort_qc build {full:6.2f} s ({read_full} read, baseline); after one new slide "
               f"{one:6.2f} s ({read_one} read, {one / full:.2f} x); automation tick {auto_empty:6.2f} s with "
               f"nothing materialized, {auto_done:6.2f} s after")
-        print("        inbox sensor: " + "; ".join(f"{k} {v['seconds']:.2f} s, {v['runs']} runs, {v['backfills']} backfills, cursor "
-                                                    f"{v['cursor_bytes']} B" for k, v in ticks.items()))
+        print("        inbox sensor: " + "; ".join(f"{k} {v['seconds']:.2f} s, {v['runs']} runs, {v['backfills']} "
+                                                    f"backfills, cursor {v['cursor_bytes']} B"
+                                                    for k, v in ticks.items()))
     save("cohort_scale", results)
 
 

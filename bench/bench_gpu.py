@@ -8,8 +8,9 @@ On a generated 40x slide (levels at 1x, 4x, 16x as Aperio writes them) read at 2
 for uni_v1 (ViT-L/16, random weights) and resnet50, fp16 and bf16 autocast, batch 256 and 512 (model only;
 end to end at the larger), default and fast_read; also nvJPEG (torchvision.io.decode_jpeg on the GPU) on the
 slide's tiles, to say whether decoding there would pay; and the agreement (minimum cosine over 64 patches) of
-the device's features, autocast, default and fast read, with fp32 features computed on the CPU. Results go to <out>/gpu.json, rewritten after every
-measurement so a run cut short keeps what it measured. Run by bench/gpu.sh; ``--small`` is its CPU fallback.
+the device's features, autocast, default and fast read, with fp32 features computed on the CPU. Results go to
+<out>/gpu.json, rewritten after every measurement so a run cut short keeps what it measured. Run by
+bench/gpu.sh; ``--small`` is its CPU fallback.
 
     python bench/bench_gpu.py --out DIR [--small] [--budget 240]
 """
@@ -29,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trident_lib import load_wsi
+from trident_lib.data import default_num_workers
 from trident_lib.extraction import READER_BATCH, embed_batches, patch_features, patch_loader, prepare_encoder
 from trident_lib.patch_encoder_models import encoder_factory
 from trident_lib.patching import tissue_coords
@@ -52,12 +54,13 @@ def main():
         size, patches, batches, workers_list = (16384, 12288), 12000, (256, 512), [1, 2, 4, 8, 16]
     else:
         size, patches, batches, workers_list = (4096, 3072), 48, (2, 4), [1, 2]
-    workers = max(1, cores - 1)
+    workers = default_num_workers(device)  # what patch_features uses when not told
     workers_list = [w for w in workers_list if w <= max(cores, 2)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
-               "cores": cores, "threads_per_core": threads_per_core(), "reader_workers": workers, "load_before": os.getloadavg(), "small": not cuda}
+               "cores": cores, "threads_per_core": threads_per_core(), "reader_workers": workers,
+               "load_before": os.getloadavg(), "small": not cuda}
 
     def save():
         results["seconds"] = round(time.perf_counter() - t_start, 1)

@@ -22,8 +22,9 @@ def test_inbox_to_embedding_with_daemon(tmp_path, slides):
     inbox, out = tmp_path / "inbox", tmp_path / "out"
     inbox.mkdir()
     config = tmp_path / "trident.yaml"
-    config.write_text(f"inbox: {inbox}\nstorage: {out}\nbackfill_above_slides: 4\npatch_encoders:\n  - name: efficientnet_lite0\n"
-                      f"    batch_size: 16\nslide_encoders:\n  - mean-efficientnet_lite0\n")
+    config.write_text(f"inbox: {inbox}\nstorage: {out}\nbackfill_above_slides: 4\n"
+                      f"patch_encoders:\n  - name: efficientnet_lite0\n    batch_size: 16\n"
+                      f"slide_encoders:\n  - mean-efficientnet_lite0\n")
     workspace = workspace_file(tmp_path / "workspace.yaml")
     env = {**os.environ, "DAGSTER_HOME": str(home), "TRIDENT_CONFIG": str(config), "PYTHONUNBUFFERED": "1"}
     port = free_port()

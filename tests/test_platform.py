@@ -234,7 +234,8 @@ def test_sensor_requests_a_big_drop_as_one_backfill(cohort):
         keys = first.dynamic_partitions_requests[0].partition_keys
         assert request.requires_backfill_daemon() and request.tags["trident/drop_slides"] == "4"
         assert subset.asset_keys == defs.resolve_job_def("process_slides").asset_layer.selected_asset_keys
-        assert all(sorted(s.get_partition_keys()) == sorted(keys) for s in subset.partitions_subsets_by_asset_key.values())
+        subsets = subset.partitions_subsets_by_asset_key.values()
+        assert all(sorted(s.get_partition_keys()) == sorted(keys) for s in subsets)
 
 
 def test_automation_sensor_runs_by_default():

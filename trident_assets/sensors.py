@@ -71,18 +71,19 @@ def build_inbox_sensor(slides_per_run: int, settle_seconds: float,
             return dg.SensorResult(skip_reason=f"no new slides ready in {redact(inbox.path)} ({len(found)} known, "
                                                f"{len(waiting)} arriving)", cursor=new_cursor)
         new = [k for k in ready if k not in known]
+        replaced = [k for k in ready if k in known]
         if len(ready) > backfill_above:
             # The daemon takes seconds to create each run (planned events per slide and asset): a big drop is
             # one backfill, requested now, whose runs of slides_per_run the backfill daemon creates.
-            asset_keys = PER_SLIDE.resolve(context.repository_def.asset_graph)
-            runs = [_backfill(new + [k for k in ready if k in known], asset_keys)]
+            runs = [_backfill(new + replaced, PER_SLIDE.resolve(context.repository_def.asset_graph))]
+            how = "one backfill"
         else:
             runs = [_range_run(chunk, found) for chunk in _chunks(new, slides_per_run)]
-            runs += [_range_run([k], found) for k in ready if k in known]  # replaced files: one run each
+            runs += [_range_run([k], found) for k in replaced]  # replaced files: one run each
+            how = f"{len(runs)} run(s)"
         for k in ready:
             trident_io.clear_arriving(k)
-        context.log.info(f"{len(ready)} slide(s) to process ({len(new)} new) in "
-                         f"{'one backfill' if len(ready) > backfill_above else f'{len(runs)} run(s)'}; "
+        context.log.info(f"{len(ready)} slide(s) to process ({len(new)} new) in {how}; "
                          f"{len(waiting)} still arriving")
         return dg.SensorResult(run_requests=runs, dynamic_partitions_requests=[slides.build_add_request(new)]
                                if new else [], cursor=new_cursor)
