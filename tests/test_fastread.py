@@ -7,8 +7,10 @@ import pytest
 import torch
 from conftest import fixture_slide
 from PIL import Image
+from torchvision.transforms.v2 import functional as F2
 
 import trident_lib as tl
+from trident_lib.data import split_to_tensor
 from trident_lib.extraction import embed_batches, patch_features, patch_loader
 from trident_lib.patch_encoder_models import encoder_factory
 from trident_lib.patching import patcher_from_coords, tissue_coords
@@ -161,3 +163,19 @@ def test_reader_batches_are_joined_into_model_batches_in_order(incoming, size):
     assert np.array_equal(out, images.numpy() * 2)
     if size is not None:
         assert all(n == size for n in seen[:-1]) and 0 < seen[-1] <= size
+
+
+def test_fast_batches_are_the_encoders_steps_on_each_image():
+    """The fast path's batch transform (channels-last resize, then one copy to float) gives each image's own
+    Resize, CenterCrop, ToTensor and Normalize on tensors, contiguous as a model expects."""
+    transform = encoder_factory("efficientnet_lite0").eval_transforms
+    per_patch, to_input = split_to_tensor(transform, in_batch=True)
+    images = np.random.default_rng(0).integers(0, 256, (5, 256, 256, 3), dtype=np.uint8)
+    got = to_input(torch.stack([per_patch(img) for img in images]))
+    resize, crop, _, normalize = transform.transforms
+    # torchvision's v2 resize on uint8 (v1's rounds through float: a grey level apart), image by image
+    want = torch.cat([normalize(crop(F2.resize(torch.from_numpy(img).permute(2, 0, 1)[None], [resize.size],
+                                               resize.interpolation, antialias=True)).float() / 255)
+                      for img in images])
+    assert got.is_contiguous() and got.shape == (5, 3, 224, 224)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

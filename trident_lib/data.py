@@ -43,8 +43,8 @@ class BatchToTensor:
         more in page faults than the arithmetic)."""
         dev = batch.device
         mean, std, scale = self.mean.to(dev), self.std.to(dev), self.scale.to(dev)
-        if out is None or out.shape != batch.shape or out.device != dev or out.stride() != batch.stride():
-            out = torch.empty_like(batch, dtype=torch.float32)  # same layout: a plain copy
+        if out is None or out.shape != batch.shape or out.device != dev:
+            out = torch.empty(batch.shape, dtype=torch.float32, device=dev)  # contiguous, whatever the batch's layout
         step = 1 if dev.type == "cpu" else max(len(batch), 1)
         for i in range(0, len(batch), step):
             o = out[i:i + step]
@@ -69,7 +69,7 @@ class BatchTransform:
                 batch = F2.resize(batch, size, step.interpolation, step.max_size, antialias=True)
             else:
                 batch = F2.center_crop(batch, list(step.size))
-        return self.to_tensor(batch.contiguous(), out)
+        return self.to_tensor(batch, out)  # the copy to float also makes it contiguous
 
 
 def split_to_tensor(transform, in_batch: bool = False):
@@ -91,7 +91,7 @@ class _Uint8:
 
     def __call__(self, img) -> torch.Tensor:
         if self.pil_steps is None:
-            return torch.from_numpy(np.array(img))
+            return torch.from_numpy(img if isinstance(img, np.ndarray) else np.array(img))
         return torch.from_numpy(np.asarray(self.pil_steps(img)).transpose(2, 0, 1).copy())
 
 

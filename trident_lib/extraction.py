@@ -97,6 +97,7 @@ def patch_loader(wsi, coords: np.ndarray, attrs: dict, transform, batch_size: in
     # The fast path also resizes on the model's device (torch's resampling: not bit-identical to PIL's).
     per_patch, to_input = split_to_tensor(transform, in_batch=patcher.fast_read)
     dataset = _TileDataset(patcher, per_patch)
+    patcher.pil = to_input is None or not patcher.fast_read  # the fast path's batches start from arrays
     return make_loader(dataset, batch_size, num_workers, device), to_input
 
 

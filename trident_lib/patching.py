@@ -131,6 +131,8 @@ class WSIPatcher:
         reduced = None
         if self.fast_read:  # also at scale 1: whole-pixel positions where OpenSlide would interpolate
             reduced = self.wsi.read_region_reduced((x, y), self.level, size, self.read_scale)
+        if reduced is not None and not self.pil and reduced.shape[0] == self.patch_size_target:
+            return reduced, x, y  # already the patch: no round trip through PIL
         if reduced is not None:
             tile = Image.fromarray(reduced)
         else:
