@@ -91,7 +91,8 @@ class _Uint8:
 
     def __call__(self, img) -> torch.Tensor:
         if self.pil_steps is None:
-            return torch.from_numpy(img if isinstance(img, np.ndarray) else np.array(img))
+            fresh = isinstance(img, np.ndarray) and img.flags.writeable  # the fast path's own array: no copy
+            return torch.from_numpy(img if fresh else np.array(img))
         return torch.from_numpy(np.asarray(self.pil_steps(img)).transpose(2, 0, 1).copy())
 
 
