@@ -1,7 +1,9 @@
 """GPU throughput: model alone vs end to end (reading included), default and fast read, one GPU.
 
 On a generated 40x slide (levels at 1x, 4x, 16x as Aperio writes them) read at 20x / 256 px:
-  reader scaling   patches/s of the data path alone (patch_loader) with W reader processes, W = 1, 2, 4, ...
+  exactness        the default path's model input made on the device (resizes there) vs on the CPU: max |diff|
+  reader scaling   patches/s of the data path alone (patch_loader) with W reader processes, W = 1, 2, 4, ...:
+                   resizing in the readers (the CPU's default), leaving it to the device (a GPU's), fast read
   model only       the encoder on batches already on the GPU (what end to end can at best reach)
   end to end       patch_features: reading, transforms, batching, transfer and model together, over one long
                    run and over 8 calls of one slide's patches each (the platform's case: readers start per slide)
@@ -86,18 +88,29 @@ def main():
     save()
 
     transform = encoder_factory("resnet50", pretrained=False).eval_transforms
+    # The default path's batches on the device (both resizes there, trident_lib.resample) against the CPU's
+    # (Pillow in the readers): the same bits.
+    cpu_loader, cpu_input = patch_loader(wsi, coords[:64], attrs, transform, 32, 0, "cpu")
+    dev_loader, dev_input = patch_loader(wsi, coords[:64], attrs, transform, 32, 0, device, resize_on_device=True)
+    diffs = [(cpu_input(a[0]) - dev_input(b[0].to(device)).cpu()).abs().max().item()
+             for a, b in zip(cpu_loader, dev_loader)]
+    results["default_batches_max_abs_diff_device_vs_cpu"] = max(diffs)
+    save()
+
+    # Readers: resizing in them (the default on the CPU), leaving it to the device (the default on a GPU), fast.
     results["reader_scaling"] = {}
-    for fast in (False, True):
+    for mode in ("default", "default_resize_on_device", "fast"):
         for w in workers_list:
             if left() < 20:
                 break
             n = min(len(coords), (600 if cuda else 32) * w)
-            loader, _ = patch_loader(wsi, coords[:n], attrs, transform, READER_BATCH, w, "cpu", fast_read=fast)
+            loader, _ = patch_loader(wsi, coords[:n], attrs, transform, READER_BATCH, w, "cpu",
+                                     fast_read=mode == "fast", resize_on_device=mode.endswith("on_device"))
             t = time.perf_counter()
             done = sum(len(b[0]) for b in loader)
             rate = done / (time.perf_counter() - t)
-            results["reader_scaling"][f"{'fast' if fast else 'default'}/{w}"] = round(rate, 1)
-            print(f"reader {'fast' if fast else 'default'} {w} workers: {rate:.0f} patches/s", flush=True)
+            results["reader_scaling"][f"{mode}/{w}"] = round(rate, 1)
+            print(f"reader {mode} {w} workers: {rate:.0f} patches/s", flush=True)
             save()
 
     results["nvjpeg"] = nvjpeg(path, device)

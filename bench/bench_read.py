@@ -4,6 +4,8 @@ For a 40x slide read at 20x / 256 px (levels at 1x, 4x, 16x as Aperio writes the
 level-0 read of four 256-px JPEG tiles, resized to 256) and a 20x slide read at 20x (one tile per patch):
   a_default   our pipeline (read, resize, transforms, batch: patch_loader, the data path of patch_features)
   a_fast      the same with fast_read (tiles decoded at the reduced size, no bicubic resize)
+  a_gpu_readers  the default pipeline as it runs for a GPU, its readers' side only: they decode, and leave both
+              resizes (Pillow's arithmetic, trident_lib.resample) and the float conversion to the device
   a_before    the pipeline as it was: every read through OpenSlide, ToTensor + Normalize per patch
   b_openslide bare openslide.read_region of the same regions
   c_decode    bare decoding of the same JPEG tiles: bytes at tifffile's offsets, Pillow (libjpeg-turbo)
@@ -120,11 +122,15 @@ def loaders(wsi, path, coords, attrs, transform, workers):
         return DataLoader(Bare(path, regions, how, p.read_scale), batch_size=BATCH, num_workers=workers,
                           multiprocessing_context="fork" if workers else None)
 
-    def ours(fast_read):
+    def ours(fast_read, on_gpu=False):
         wsi._jpeg_tiles().clear_cache()  # no tile decoded in an earlier run counts
-        loader, to_input = patch_loader(wsi, coords, attrs, transform, BATCH, workers, fast_read=fast_read)
+        loader, to_input = patch_loader(wsi, coords, attrs, transform, BATCH, workers, fast_read=fast_read,
+                                        resize_on_device=on_gpu)
         inputs = None
         for imgs, *_ in loader:
+            if on_gpu:  # the batch's resizes and float conversion are the GPU's work, not measured here
+                yield imgs
+                continue
             yield (inputs := to_input(imgs, inputs)) if to_input else imgs  # as embed_batches does
 
     def before():
@@ -139,6 +145,7 @@ def loaders(wsi, path, coords, attrs, transform, workers):
     return {
         "a_default": lambda: ours(False),
         "a_fast": lambda: ours(True),
+        "a_gpu_readers": lambda: ours(False, on_gpu=True),
         "a_before": before,
         "b_openslide": lambda: bare("openslide"),
         "c_decode": lambda: bare("decode"),
@@ -160,7 +167,7 @@ def measure(wsi, path, coords, attrs, transform, workers):
     for name in rounds[0]:
         out[name] = {"per_core": float(np.median([r[name][0] for r in rounds])),
                      "per_cpu_second": float(np.median([r[name][1] for r in rounds]))}
-    for a in ("a_default", "a_fast", "a_before"):
+    for a in ("a_default", "a_fast", "a_gpu_readers", "a_before"):
         for base in ("b_openslide", "c_decode", "c_imagecodecs", "c_reduced", "a_default", "a_before"):
             if a != base:
                 out[f"{a}/{base}"] = float(np.median([r[a][0] / r[base][0] for r in rounds]))

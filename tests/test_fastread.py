@@ -60,9 +60,13 @@ def test_default_batches_are_bit_identical_to_openslide_pil_and_torchvision(coor
         want = torch.stack([transform(osr.read_region((int(x), int(y)), 0, (512, 512)).convert("RGB")
                                       .resize((256, 256), Image.Resampling.BICUBIC)) for x, y in coords])
     with tl.load_wsi(fixture_slide(SLIDE_40X)) as wsi:
-        for workers in (0, 1):  # in-process, and a forked reader sharing the slide's file descriptor
-            loader, to_input = patch_loader(wsi, coords, attrs, transform, 8, workers)
-            got = torch.cat([to_input(imgs) for imgs, _, _ in loader])
+        # in-process, a forked reader sharing the slide's file descriptor, and both resizes in the batch (as
+        # on a GPU: trident_lib.resample)
+        for workers, on_device in ((0, False), (1, False), (0, True)):
+            loader, to_input = patch_loader(wsi, coords, attrs, transform, 8, workers, resize_on_device=on_device)
+            batches = [imgs for imgs, _, _ in loader]
+            assert batches[0].shape[1:] == ((512, 512, 3) if on_device else (3, 224, 224))
+            got = torch.cat([to_input(imgs) for imgs in batches])
             assert torch.equal(got, want)
 
 

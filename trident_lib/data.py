@@ -10,6 +10,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F2
 
+from .resample import pil_resize
+
 
 class WSIPatcherDataset(Dataset):
     """Dataset from a WSI patcher to directly read tiles on a slide: item i is (transform(tile), (x, y))."""
@@ -55,33 +57,55 @@ class BatchToTensor:
 
 class BatchTransform:
     """An encoder's Resize and CenterCrop steps, then ToTensor + Normalize, on a (B, H, W, 3) uint8 batch on its
-    device. Torch's resampling is within one grey level of PIL's, not identical: for the fast read path."""
+    device. ``exact``: Pillow's resampling bit for bit (trident_lib.resample), so the batch is what the per-image
+    PIL steps give; otherwise torch's, within a grey level of Pillow's (the fast read path)."""
 
-    def __init__(self, steps, normalize: T.Normalize):
+    def __init__(self, steps, normalize: T.Normalize, exact: bool = False):
         self.steps = steps
+        self.exact = exact
         self.to_tensor = BatchToTensor(normalize)
 
     def __call__(self, batch: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         batch = batch.permute(0, 3, 1, 2)  # (B, H, W, 3) as channels-last NCHW: torch's fastest uint8 resize
         for step in self.steps:
             if isinstance(step, T.Resize):
-                size = [step.size] if isinstance(step.size, int) else list(step.size)
-                batch = F2.resize(batch, size, step.interpolation, step.max_size, antialias=True)
+                size = _resized(tuple(batch.shape[-2:]), step.size)
+                if self.exact:
+                    batch = pil_resize(batch, size, PIL_KINDS[step.interpolation])
+                else:
+                    batch = F2.resize(batch, size, step.interpolation, antialias=True)
             else:
                 batch = F2.center_crop(batch, list(step.size))
         return self.to_tensor(batch, out)  # the copy to float also makes it contiguous
 
 
-def split_to_tensor(transform, in_batch: bool = False):
+PIL_KINDS = {T.InterpolationMode.BILINEAR: "bilinear", T.InterpolationMode.BICUBIC: "bicubic"}
+
+
+def _resized(hw: tuple[int, int], size) -> tuple[int, int]:
+    """torchvision's output size for Resize(size): both sides, or the shorter side with the aspect ratio kept."""
+    if not isinstance(size, int) and len(size) == 2:
+        return int(size[0]), int(size[1])
+    side = size if isinstance(size, int) else size[0]
+    h, w = hw
+    return (side, int(side * w / h)) if h <= w else (int(side * h / w), side)
+
+
+def split_to_tensor(transform, in_batch: bool = False, exact: bool = False, patch_size: int | None = None):
     """(per_image, per_batch) for the usual [Resize, CenterCrop,] ToTensor, Normalize: per image, the PIL steps
     then (3, H, W) uint8, or with ``in_batch`` no step and (H, W, 3) uint8; per batch, on the model's device, the
-    rest (a quarter of the bytes to move between processes and to the GPU). (transform, None) for any other."""
+    rest (a quarter of the bytes to move between processes and to the GPU). In the batch, ``exact`` resamples
+    as Pillow does, and ``patch_size`` first resizes the patch as read to that size (bicubic, as WSIPatcher
+    does). (transform, None) for any other transform, or an interpolation ``exact`` cannot reproduce."""
     steps = list(getattr(transform, "transforms", []))
     if (len(steps) < 2 or type(steps[-2]) is not T.ToTensor or type(steps[-1]) is not T.Normalize
             or not all(type(t) in (T.Resize, T.CenterCrop) for t in steps[:-2])):
         return transform, None
+    if in_batch and exact and any(type(t) is T.Resize and t.interpolation not in PIL_KINDS for t in steps):
+        return transform, None
     if in_batch:
-        return _Uint8(None), BatchTransform(steps[:-2], steps[-1])
+        first = [T.Resize((patch_size, patch_size), T.InterpolationMode.BICUBIC)] if patch_size else []
+        return _Uint8(None), BatchTransform(first + steps[:-2], steps[-1], exact)
     return _Uint8(T.Compose(steps[:-2])), BatchToTensor(steps[-1])
 
 

@@ -89,15 +89,25 @@ class _TileDataset(WSIPatcherDataset):
 
 
 def patch_loader(wsi, coords: np.ndarray, attrs: dict, transform, batch_size: int, num_workers: int | None = None,
-                 device: str = "cpu", fast_read: bool = False):
+                 device: str = "cpu", fast_read: bool = False, resize_on_device: bool | None = None):
     """(loader, to_input): the data path behind ``patch_features``. The loader reads, resizes and transforms
     patches and yields batches of (patches, (x, y), blank-tile counts); ``to_input`` (None when the loader
-    already gives the model's input) finishes a batch on the model's device: uint8 to normalised float."""
+    already gives the model's input) finishes a batch on the model's device: uint8 to normalised float.
+    ``resize_on_device`` (by default on a GPU) leaves the resizes to ``to_input`` too, with Pillow's very
+    arithmetic: the same bytes, and readers that only decode."""
     patcher = patcher_from_coords(wsi, coords, attrs, pil=True, fast_read=fast_read)
-    # The fast path also resizes on the model's device (torch's resampling: not bit-identical to PIL's).
-    per_patch, to_input = split_to_tensor(transform, in_batch=patcher.fast_read)
+    if resize_on_device is None:
+        resize_on_device = torch.device(device).type == "cuda"
+    if patcher.fast_read:  # resized with torch's resampling on the device: not bit-identical to Pillow's
+        per_patch, to_input = split_to_tensor(transform, in_batch=True)
+    elif resize_on_device:
+        per_patch, to_input = split_to_tensor(transform, in_batch=True, exact=True,
+                                              patch_size=patcher.patch_size_target)
+        patcher.resize_in_batch = to_input is not None
+    else:
+        per_patch, to_input = split_to_tensor(transform)
     dataset = _TileDataset(patcher, per_patch)
-    patcher.pil = to_input is None or not patcher.fast_read  # the fast path's batches start from arrays
+    patcher.pil = to_input is None or not (patcher.fast_read or patcher.resize_in_batch)  # else arrays
     return make_loader(dataset, batch_size, num_workers, device), to_input
 
 

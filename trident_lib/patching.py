@@ -67,6 +67,7 @@ class WSIPatcher:
         self.level, _ = wsi.get_best_level_and_custom_downsample(self.downsample, LEVEL_TOLERANCE)
         self.read_size = round(self.patch_size_src / int(wsi.level_downsamples[self.level]))
         self.fast_read = fast_read and wsi.can_read_reduced(self.level)  # else exactly the default path
+        self.resize_in_batch = False  # patches as read, resized with their batch (split_to_tensor's exact mode)
         # The largest DCT scaling that divides the read and still gives at least the patch size.
         self.read_scale = next((s for s in (8, 4, 2)
                                 if self.read_size % s == 0 and self.read_size // s >= self.patch_size_target), 1)
@@ -128,6 +129,8 @@ class WSIPatcher:
 
     def get_tile_xy(self, x: int, y: int):
         size = (self.read_size, self.read_size)
+        if self.resize_in_batch:
+            return self.wsi.read_region((x, y), self.level, size, read_as="numpy"), x, y
         reduced = None
         if self.fast_read:  # also at scale 1: whole-pixel positions where OpenSlide would interpolate
             reduced = self.wsi.read_region_reduced((x, y), self.level, size, self.read_scale)
