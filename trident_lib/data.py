@@ -66,17 +66,17 @@ class BatchTransform:
         self.to_tensor = BatchToTensor(normalize)
 
     def __call__(self, batch: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        batch = batch.permute(0, 3, 1, 2)  # (B, H, W, 3) as channels-last NCHW: torch's fastest uint8 resize
-        for step in self.steps:
+        for step in self.steps:  # on (B, H, W, 3); torch's steps on its channels-last NCHW view (its fastest)
             if isinstance(step, T.Resize):
-                size = _resized(tuple(batch.shape[-2:]), step.size)
+                size = _resized(tuple(batch.shape[1:3]), step.size)
                 if self.exact:
                     batch = pil_resize(batch, size, PIL_KINDS[step.interpolation])
                 else:
-                    batch = F2.resize(batch, size, step.interpolation, antialias=True)
+                    batch = F2.resize(batch.permute(0, 3, 1, 2), size, step.interpolation,
+                                      antialias=True).permute(0, 2, 3, 1)
             else:
-                batch = F2.center_crop(batch, list(step.size))
-        return self.to_tensor(batch, out)  # the copy to float also makes it contiguous
+                batch = F2.center_crop(batch.permute(0, 3, 1, 2), list(step.size)).permute(0, 2, 3, 1)
+        return self.to_tensor(batch.permute(0, 3, 1, 2), out)  # the copy to float also makes it contiguous
 
 
 PIL_KINDS = {T.InterpolationMode.BILINEAR: "bilinear", T.InterpolationMode.BICUBIC: "bicubic"}

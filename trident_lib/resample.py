@@ -76,17 +76,17 @@ def _pass(x: torch.Tensor, dim: int, out_size: int, kind: str) -> torch.Tensor:
 
 
 def pil_resize(batch: torch.Tensor, size: tuple[int, int], kind: str = "bicubic", chunk: int = 32) -> torch.Tensor:
-    """(..., H, W) uint8 images (a batch, channels first or a channels-last view) resized to size = (height,
-    width) exactly as Pillow's ``Image.resize``; ``chunk`` images at a time (int32 temporaries)."""
+    """(B, H, W, C) uint8 images resized to size = (height, width) exactly as Pillow's ``Image.resize``;
+    ``chunk`` images at a time (int32 temporaries)."""
     h, w = size
-    if tuple(batch.shape[-2:]) == (h, w):
+    if tuple(batch.shape[1:3]) == (h, w):
         return batch  # Pillow copies an image already at that size
-    out = torch.empty((*batch.shape[:-2], h, w), dtype=torch.uint8, device=batch.device)
+    out = torch.empty((len(batch), h, w, *batch.shape[3:]), dtype=torch.uint8, device=batch.device)
     for i in range(0, len(batch), chunk):
         x = batch[i:i + chunk]
-        if x.shape[-1] != w:  # horizontal first, as Pillow
-            x = _pass(x, x.dim() - 1, w, kind)
-        if x.shape[-2] != h:
-            x = _pass(x, x.dim() - 2, h, kind)
+        if x.shape[2] != w:  # horizontal first, as Pillow
+            x = _pass(x, 2, w, kind)
+        if x.shape[1] != h:
+            x = _pass(x, 1, h, kind)
         out[i:i + chunk] = x
     return out
