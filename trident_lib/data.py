@@ -101,7 +101,8 @@ def split_to_tensor(transform, in_batch: bool = False, exact: bool = False, patc
     if (len(steps) < 2 or type(steps[-2]) is not T.ToTensor or type(steps[-1]) is not T.Normalize
             or not all(type(t) in (T.Resize, T.CenterCrop) for t in steps[:-2])):
         return transform, None
-    if in_batch and exact and any(type(t) is T.Resize and t.interpolation not in PIL_KINDS for t in steps):
+    if in_batch and any(type(t) is T.Resize and (t.max_size is not None or exact and t.interpolation not in PIL_KINDS)
+                        for t in steps):
         return transform, None
     if in_batch:
         first = [T.Resize((patch_size, patch_size), T.InterpolationMode.BICUBIC)] if patch_size else []

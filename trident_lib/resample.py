@@ -44,7 +44,7 @@ def coefficients(in_size: int, out_size: int, kind: str) -> tuple[np.ndarray, np
     scale = in_size / out_size
     filterscale = max(scale, 1.0)  # downscaling widens the filter: antialiasing
     support *= filterscale
-    taps = int(math.ceil(support)) * 2 + 1
+    taps = math.ceil(support) * 2 + 1
     index = np.zeros((out_size, taps), np.int64)
     weight = np.zeros((out_size, taps), np.int64)
     for j in range(out_size):
