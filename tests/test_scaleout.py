@@ -166,6 +166,8 @@ def test_helm_values_and_gpu_tags_fit_dagster_k8s(tmp_path):
             assert limits.get("nvidia.com/gpu") == "1", name
             assert pod.node_selector == {"nvidia.com/gpu.present": "true"}
             assert pod.tolerations[0].key == "nvidia.com/gpu"
+            [shm] = [v for v in pod.volumes if v.empty_dir and v.empty_dir.medium == "Memory"]  # readers' batches
+            assert {(m.name, m.mount_path) for m in pod.containers[0].volume_mounts} >= {(shm.name, "/dev/shm")}
         else:
             assert "nvidia.com/gpu" not in limits and not pod.tolerations, name
 
@@ -179,6 +181,7 @@ def test_compose_file_names_every_service():
         assert "-Q gpu" in " ".join(gpu["command"]) and gpu["environment"]["CUDA_VISIBLE_DEVICES"] == str(i)
         assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
         assert gpu["environment"]["TRIDENT_CELERY_BROKER"].startswith("redis://")
+        assert gpu["shm_size"] == "8gb"  # reader processes' batches; Docker's default 64 MB is too small
     assert "-Q dagster" in " ".join(services["worker-cpu"]["command"])
 
 

@@ -41,10 +41,13 @@ GPU_TAGS = {
     # k8s_job_executor: one GPU per step, on a GPU node (the NVIDIA device plugin's label and taint; a cluster
     # with other names overrides them with the executor's per_step_k8s_config). celery executor: route to the
     # workers listening on "gpu".
+    # Reader processes hand batches over in /dev/shm, which a pod limits to 64 MB: mount a memory-backed one.
     "dagster-k8s/config": {
-        "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}},
+        "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}},
+                             "volume_mounts": [{"name": "dshm", "mount_path": "/dev/shm"}]},
         "pod_spec_config": {"node_selector": {"nvidia.com/gpu.present": "true"},
-                            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+                            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                            "volumes": [{"name": "dshm", "empty_dir": {"medium": "Memory"}}]},
     },
     "dagster-celery/queue": "gpu",
 }
