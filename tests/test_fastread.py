@@ -183,3 +183,18 @@ def test_fast_batches_are_the_encoders_steps_on_each_image():
                       for img in images])
     assert got.is_contiguous() and got.shape == (5, 3, 224, 224)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("patch_level0,side", [(1024, 256), (768, 256)])
+def test_device_resizes_give_the_cpu_path_bytes_for_large_reads(odd_slides, patch_level0, side):
+    """A read 4 or 3 times the patch's side (a 10x or 13.3x patch of a one-level 40x slide): Pillow resizes it
+    in the reader (the read would crowd the readers' shared memory), the device does the encoder's steps."""
+    transform = encoder_factory("efficientnet_lite0").eval_transforms
+    attrs = {"patch_size": side, "patch_size_level0": patch_level0, "level0_magnification": 40}
+    coords = np.array([[0, 0], [0, 4], [8, 0]])
+    with tl.load_wsi(odd_slides["single"]) as wsi:
+        cpu, cpu_input = patch_loader(wsi, coords, attrs, transform, 8, 0)
+        dev, dev_input = patch_loader(wsi, coords, attrs, transform, 8, 0, resize_on_device=True)
+        [(a, *_)], [(b, *_)] = list(cpu), list(dev)
+        assert b.shape == (3, side, side, 3)  # resized in the reader, encoder's steps left
+        assert torch.equal(cpu_input(a), dev_input(b))

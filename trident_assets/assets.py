@@ -47,7 +47,7 @@ GPU_TAGS = {
                              "volume_mounts": [{"name": "dshm", "mount_path": "/dev/shm"}]},
         "pod_spec_config": {"node_selector": {"nvidia.com/gpu.present": "true"},
                             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                            "volumes": [{"name": "dshm", "empty_dir": {"medium": "Memory"}}]},
+                            "volumes": [{"name": "dshm", "empty_dir": {"medium": "Memory", "size_limit": "8Gi"}}]},
     },
     "dagster-celery/queue": "gpu",
 }

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F2
 
-from .resample import pil_resize
+from .resample import pil_resize, pillow_order
 
 
 class WSIPatcherDataset(Dataset):
@@ -55,6 +55,9 @@ class BatchToTensor:
         return out
 
 
+PIL_KINDS = {T.InterpolationMode.BILINEAR: "bilinear", T.InterpolationMode.BICUBIC: "bicubic"}
+
+
 class BatchTransform:
     """An encoder's Resize and CenterCrop steps, then ToTensor + Normalize, on a (B, H, W, 3) uint8 batch on its
     device. ``exact``: Pillow's resampling bit for bit (trident_lib.resample), so the batch is what the per-image
@@ -64,6 +67,16 @@ class BatchTransform:
         self.steps = steps
         self.exact = exact
         self.to_tensor = BatchToTensor(normalize)
+
+    def reproduces(self, hw: tuple[int, int]) -> bool:
+        """Whether images of this size get Pillow's very bytes (always true of torch's resampling)."""
+        for step in self.steps:
+            size = _resized(hw, step.size) if isinstance(step, T.Resize) else tuple(step.size)
+            if self.exact and isinstance(step, T.Resize) and size != hw and \
+                    pillow_order(hw, size, PIL_KINDS[step.interpolation]) is None:
+                return False
+            hw = size
+        return True
 
     def __call__(self, batch: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         for step in self.steps:  # on (B, H, W, 3); torch's steps on its channels-last NCHW view (its fastest)
@@ -77,9 +90,6 @@ class BatchTransform:
             else:
                 batch = F2.center_crop(batch.permute(0, 3, 1, 2), list(step.size)).permute(0, 2, 3, 1)
         return self.to_tensor(batch.permute(0, 3, 1, 2), out)  # the copy to float also makes it contiguous
-
-
-PIL_KINDS = {T.InterpolationMode.BILINEAR: "bilinear", T.InterpolationMode.BICUBIC: "bicubic"}
 
 
 def _resized(hw: tuple[int, int], size) -> tuple[int, int]:
@@ -116,7 +126,8 @@ class _Uint8:
 
     def __call__(self, img) -> torch.Tensor:
         if self.pil_steps is None:
-            fresh = isinstance(img, np.ndarray) and img.flags.writeable  # the fast path's own array: no copy
+            # A reader's own array (fast path, resizes on the device) needs no copy; a read-only view does.
+            fresh = isinstance(img, np.ndarray) and img.flags.writeable and img.flags.c_contiguous
             return torch.from_numpy(img if fresh else np.array(img))
         return torch.from_numpy(np.asarray(self.pil_steps(img)).transpose(2, 0, 1).copy())
 

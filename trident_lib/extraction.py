@@ -98,16 +98,25 @@ def patch_loader(wsi, coords: np.ndarray, attrs: dict, transform, batch_size: in
     patcher = patcher_from_coords(wsi, coords, attrs, pil=True, fast_read=fast_read)
     if resize_on_device is None:
         resize_on_device = torch.device(device).type == "cuda"
+    in_batch = patcher.fast_read or resize_on_device
     if patcher.fast_read:  # resized with torch's resampling on the device: not bit-identical to Pillow's
         per_patch, to_input = split_to_tensor(transform, in_batch=True)
     elif resize_on_device:
+        # The patch as read, if at most twice the patch's side (larger ones would crowd the readers' shared
+        # memory and the bus: Pillow resizes those in the reader); the encoder's steps on the device.
+        whole = patcher.read_size <= 2 * patcher.patch_size_target
         per_patch, to_input = split_to_tensor(transform, in_batch=True, exact=True,
-                                              patch_size=patcher.patch_size_target)
-        patcher.resize_in_batch = to_input is not None
+                                              patch_size=patcher.patch_size_target if whole else None)
+        side = patcher.read_size if whole else patcher.patch_size_target
+        if to_input is not None and to_input.reproduces((side, side)):
+            patcher.resize_in_batch = whole
+        else:  # sizes or steps whose Pillow bytes the device cannot reproduce: the CPU's path
+            in_batch = False
+            per_patch, to_input = split_to_tensor(transform)
     else:
         per_patch, to_input = split_to_tensor(transform)
     dataset = _TileDataset(patcher, per_patch)
-    patcher.pil = to_input is None or not (patcher.fast_read or patcher.resize_in_batch)  # else arrays
+    patcher.pil = to_input is None or not in_batch  # else arrays
     return make_loader(dataset, batch_size, num_workers, device), to_input
 
 
