@@ -44,7 +44,9 @@ class BatchToTensor:
         """``out``: the previous batch's result to refill, when it is no longer needed (fresh CPU memory costs
         more in page faults than the arithmetic)."""
         dev = batch.device
-        mean, std, scale = self.mean.to(dev), self.std.to(dev), self.scale.to(dev)
+        if self.mean.device != dev:  # moved once, not per batch (a copy to a GPU can wait for its queue)
+            self.mean, self.std, self.scale = self.mean.to(dev), self.std.to(dev), self.scale.to(dev)
+        mean, std, scale = self.mean, self.std, self.scale
         if out is None or out.shape != batch.shape or out.device != dev:
             out = torch.empty(batch.shape, dtype=torch.float32, device=dev)  # contiguous, whatever the batch's layout
         step = 1 if dev.type == "cpu" else max(len(batch), 1)
