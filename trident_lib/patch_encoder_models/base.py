@@ -64,7 +64,6 @@ class EncoderSpec:
     load_weights: Callable | None = None  # (model, path) for formats that need their own loader
     packaged_weights: Callable[[], str] | None = None  # weights shipped inside an installed package
     from_folder: bool = False  # the architecture is defined by the checkpoint folder's config (transformers)
-    from_file: bool = False  # a package's own loader reads the checkpoint: build(path or None, **kw)
     fast_fp32_modules: tuple[str, ...] = ()  # kept in fp32 on the bf16 CPU fast path (see trident_lib.fastpath)
     licence: str = "see the model card"
     notes: str = ""
@@ -124,11 +123,6 @@ class BasePatchEncoder(torch.nn.Module):
             path = find_weights(spec.name, weights_path, spec.hub_repo, ("config.json",))
             self.model = spec.build(os.path.dirname(path), **{**spec.extra_kwargs, **build_kwargs})
             self.weights_path, self.weights_sha256 = path, file_checksum(path)
-        elif spec.from_file:  # built and loaded in one call by the package's loader (None: random weights)
-            path = self._find(weights_path) if pretrained else None
-            self.model = spec.build(path, **{**spec.extra_kwargs, **build_kwargs})
-            if path is not None:
-                self.weights_path, self.weights_sha256 = path, file_checksum(path)
         else:
             self.model = spec.build(**{**spec.extra_kwargs, **build_kwargs})
             if pretrained:

@@ -96,15 +96,14 @@ def load_conch_v15(model: ConchV15, path: str) -> None:
     load_into(model, sd, "conch_v15", path)
 
 
-# -- CONCH v1: the CONCH package builds the CoCa model and reads its checkpoint ----------------------
+# -- CONCH v1: the CONCH package builds the CoCa model; its checkpoint is read as any other ---------------
 
-def build_conch_v1(path: str | None = None):
-    from conch.open_clip_custom import create_model, create_model_from_pretrained
+def build_conch_v1():
+    # Only the architecture from the CONCH package: the weights are read like every other encoder's (tensors
+    # only, from the local file, loaded strictly), not by the package's own loader.
+    from conch.open_clip_custom import create_model
 
-    if path is None:  # pretrained=False: the architecture with random weights
-        return create_model("conch_ViT-B-16")
-    model, _ = create_model_from_pretrained("conch_ViT-B-16", checkpoint_path=path)
-    return model
+    return create_model("conch_ViT-B-16")
 
 
 def conch_v1_image_embedding(model, x):
@@ -119,6 +118,6 @@ register(
                 notes="native build (no CONCH package); 448-px inputs use a 28 × 28 interpolated position grid"),
     EncoderSpec("conch_v1", 512, build_conch_v1, OPENAI_CLIP, size=448, interpolation="bicubic", precision="fp32",
                 hub_repo="MahmoodLab/conch", patch_size=512, requires=("conch",),
-                install="pip install git+https://github.com/Mahmoodlab/CONCH", from_file=True,
+                install="pip install git+https://github.com/Mahmoodlab/CONCH",
                 forward=conch_v1_image_embedding, licence="CC-BY-NC-ND-4.0"),
 )
