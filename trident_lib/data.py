@@ -46,14 +46,13 @@ class BatchToTensor:
         dev = batch.device
         if self.mean.device != dev:  # moved once, not per batch (a copy to a GPU can wait for its queue)
             self.mean, self.std, self.scale = self.mean.to(dev), self.std.to(dev), self.scale.to(dev)
-        mean, std, scale = self.mean, self.std, self.scale
         if out is None or out.shape != batch.shape or out.device != dev:
             out = torch.empty(batch.shape, dtype=torch.float32, device=dev)  # contiguous, whatever the batch's layout
         step = 1 if dev.type == "cpu" else max(len(batch), 1)
         for i in range(0, len(batch), step):
             o = out[i:i + step]
             o.copy_(batch[i:i + step])  # exact, and faster than a converting division
-            o.div_(scale).sub_(mean).div_(std)
+            o.div_(self.scale).sub_(self.mean).div_(self.std)
         return out
 
 

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from .data import WSIPatcherDataset, make_loader, resolve_device, split_to_tensor
+from .data import BatchTransform, WSIPatcherDataset, make_loader, resolve_device, split_to_tensor
 from .fastpath import fast_cpu_variant
 from .io import atomic_path, read_coords_h5, read_features_h5, save_features_h5
 from .patching import patcher_from_coords
@@ -98,7 +98,6 @@ def patch_loader(wsi, coords: np.ndarray, attrs: dict, transform, batch_size: in
     patcher = patcher_from_coords(wsi, coords, attrs, pil=True, fast_read=fast_read)
     if resize_on_device is None:
         resize_on_device = torch.device(device).type == "cuda"
-    in_batch = patcher.fast_read or resize_on_device
     if patcher.fast_read:  # resized with torch's resampling on the device: not bit-identical to Pillow's
         per_patch, to_input = split_to_tensor(transform, in_batch=True)
     elif resize_on_device:
@@ -111,12 +110,11 @@ def patch_loader(wsi, coords: np.ndarray, attrs: dict, transform, batch_size: in
         if to_input is not None and to_input.reproduces((side, side)):
             patcher.resize_in_batch = whole
         else:  # sizes or steps whose Pillow bytes the device cannot reproduce: the CPU's path
-            in_batch = False
             per_patch, to_input = split_to_tensor(transform)
     else:
         per_patch, to_input = split_to_tensor(transform)
     dataset = _TileDataset(patcher, per_patch)
-    patcher.pil = to_input is None or not in_batch  # else arrays
+    patcher.pil = not isinstance(to_input, BatchTransform)  # a batch that does the steps starts from arrays
     return make_loader(dataset, batch_size, num_workers, device), to_input
 
 
