@@ -6,7 +6,8 @@ On a generated 40x slide (levels at 1x, 4x, 16x as Aperio writes them) read at 2
                    resizing in the readers (the CPU's default), leaving it to the device (a GPU's), fast read
   model only       the encoder on batches already on the GPU (what end to end can at best reach)
   end to end       patch_features: reading, transforms, batching, transfer and model together, over one long
-                   run and over 8 calls of one slide's patches each (the platform's case: readers start per slide)
+                   run, over 8 calls of one slide's patches each (readers started per slide) and over the same
+                   8 slides through one set of readers (patch_features_of_slides: the features step's way)
 for uni_v1 (ViT-L/16, random weights) and resnet50, fp16 and bf16 autocast, batch 256 and 512 (model only;
 end to end at the larger), default and fast_read; also nvJPEG (torchvision.io.decode_jpeg on the GPU) on the
 slide's tiles, to say whether decoding there would pay; and the agreement (minimum cosine over 64 patches) of
@@ -33,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trident_lib import load_wsi
 from trident_lib.data import default_num_workers
-from trident_lib.extraction import READER_BATCH, embed_batches, patch_features, patch_loader, prepare_encoder
+from trident_lib.extraction import (READER_BATCH, embed_batches, patch_features, patch_features_of_slides,
+                                    patch_loader, prepare_encoder)
 from trident_lib.patch_encoder_models import encoder_factory
 from trident_lib.patching import tissue_coords
 from trident_lib.segmentation_models import segmentation_model_factory
@@ -150,12 +152,18 @@ def main():
                 row[f"end_to_end_over_model_only/{key}/{b}"] = round(rate / row[f"model_only/{b}"], 3)
                 if prec != "bf16":
                     continue
-                # The platform's case: one call per slide (readers started per slide), 8 slides of its patches.
+                # The platform's case, 8 slides of the slide's patches: readers started per slide (one call
+                # each, as before), and one set of readers for all of them (the features step's way now).
                 m = tissue if cuda else b
                 t = time.perf_counter()
                 for _ in range(8):
                     patch_features(wsi, enc, coords[:m], attrs, device, b, num_workers=workers, fast_read=fast)
                 row[f"per_slide_of_{m}/{key}/{b}"] = round(8 * m / (time.perf_counter() - t), 1)
+                t = time.perf_counter()
+                for _ in patch_features_of_slides([(wsi, coords[:m], attrs)] * 8, enc, device, b,
+                                                  num_workers=workers, fast_read=fast):
+                    pass
+                row[f"one_pool_{m}_x8/{key}/{b}"] = round(8 * m / (time.perf_counter() - t), 1)
             print(f"{name} {prec}: {row}", flush=True)
             save()
         del enc

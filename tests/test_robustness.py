@@ -97,6 +97,32 @@ def test_truncated_slide_in_a_batch_does_not_stop_the_others(platform, slides):
     assert (out / COORDS / FEATS / "good.svs.h5").exists()
 
 
+
+def test_slide_broken_before_its_features_fails_alone_in_a_batch(platform, slides):
+    """The features step reads its slides through one set of readers: one that no longer opens fails with its
+    name, and the others' features are those they got before, bit for bit."""
+    settings, defs, instance, inbox, out = platform
+    for name, slide in (("a.svs", "aperio_20x"), ("b.svs", "aperio_40x"), ("c.svs", "aperio_40x")):
+        shutil.copy(slides[slide], inbox / name)
+    instance.add_dynamic_partitions("slides", ["a.svs", "b.svs", "c.svs"])
+    tags = {"dagster/asset_partition_range_start": "a.svs", "dagster/asset_partition_range_end": "c.svs"}
+    job = defs.resolve_job_def("process_slides")
+    assert job.execute_in_process(instance=instance, tags=tags).success
+
+    def features(name):
+        with h5py.File(out / COORDS / FEATS / f"{name}.h5") as f:
+            return f["features"][:]
+
+    before = {name: features(name) for name in ("a.svs", "c.svs")}
+    (inbox / "b.svs").write_bytes(b"not a slide any more")
+    result = job.execute_in_process(instance=instance, tags=tags, raise_on_error=False,
+                                    asset_selection=[dg.AssetKey(["patch_features", "efficientnet_lite0"])])
+    failing = checks(result)["features_valid"].metadata["failing"].value
+    assert list(failing) == ["b.svs"] and "b.svs" in failing["b.svs"] and "cannot be read" in failing["b.svs"]
+    for name, want in before.items():
+        np.testing.assert_array_equal(features(name), want)
+    assert features("b.svs").shape == (0, 1280)
+
 # -- 3: partly corrupt JPEG tiles ------------------------------------------------------------------------
 
 def corrupt_tiles(path: Path, page: int, every: int) -> int:

@@ -19,7 +19,7 @@ from trident_lib import load_wsi
 from trident_lib.contours import empty_gdf
 from trident_lib.devices import lease_device
 from trident_lib.errors import SlideError, TooLowResolutionError
-from trident_lib.extraction import feature_attrs, patch_features, slide_embedding
+from trident_lib.extraction import feature_attrs, patch_features_of_slides, slide_embedding
 from trident_lib.model_cache import cached_model
 from trident_lib.patch_encoder_models import encoder_factory, encoder_spec
 from trident_lib.patching import draw_coords, max_plausible_patches, tissue_coords
@@ -95,6 +95,18 @@ def for_each_slide(context, values: dict, fn: Callable, on_error: Callable[[str,
             results[key] = on_error(key, str(e))
         context.log.info(f"{key}: {time.perf_counter() - t0:.2f}s")
     return results
+
+
+def open_slides(inbox: "Inbox", stack: contextlib.ExitStack, files: dict[str, SlideFile]) -> dict:
+    """Slide key -> the open slide (closed with ``stack``), or the error opening it raised, for its step to
+    report with that slide."""
+    wsis = {}
+    for key, slide in files.items():
+        try:
+            wsis[key] = stack.enter_context(inbox.open(slide))
+        except Exception as e:  # noqa: BLE001
+            wsis[key] = e
+    return wsis
 
 
 def warm_model(context, kind: str, name: str, weights, device: str, build: Callable, **options):
@@ -300,23 +312,40 @@ def _features_asset(settings: Settings, pe, common):
                 return Features(np.zeros((0, encoder.embedding_dim), np.float32), c.coords, c.attrs,
                                 feature_attrs(encoder, k, pe.coords_dir), {**prov, **status})
 
+            def pending(c: Coords) -> bool:
+                return status_of(c.provenance) != "error" and len(c.coords) > 0
+
             def one(k, c: Coords):
-                if status_of(c.provenance) == "error" or not len(c.coords):
+                if not pending(c):
                     return empty(k, c, {key: v for key, v in c.provenance.items() if key in ("status", "error")})
-                t, stats = time.perf_counter(), {}
-                with inbox.open(slide_file[k]) as wsi:
-                    feats = patch_features(wsi, encoder, c.coords, c.attrs, device, pe.batch_size, stats=stats,
-                                           fast_cpu=pe.fast_cpu, fast_read=pe.fast_read)
+                if isinstance(wsis[k], Exception):
+                    raise wsis[k]
+                t = time.perf_counter()
+                result = next(results)  # this slide's, as they come in the order of `todo`
+                if isinstance(result, Exception):
+                    raise result
+                feats, blank_tiles = result
                 secs = time.perf_counter() - t
                 return Features(feats, c.coords, c.attrs, feature_attrs(encoder, k, pe.coords_dir),
-                                {**prov, "status": "ok", "seconds": round(secs, 3), "blank_tiles": stats["blank_tiles"],
+                                {**prov, "status": "ok", "seconds": round(secs, 3), "blank_tiles": blank_tiles,
                                  "patches_per_second": round(len(feats) / max(secs, 1e-9), 1)})
 
-            out = for_each_slide(context, patch_coords, one,
-                                 lambda k, e: empty(k, patch_coords[k], {"status": "error", "error": e}))
+            with contextlib.ExitStack() as stack:
+                # The step's slides share one set of reader processes (patch_features_of_slides), so all are
+                # opened first; one that cannot be opened fails alone, when its turn comes.
+                wsis = open_slides(inbox, stack, {k: slide_file[k] for k, c in patch_coords.items() if pending(c)})
+                todo = [k for k, wsi in wsis.items() if not isinstance(wsi, Exception)]
+                results = patch_features_of_slides(
+                    [(wsis[k], patch_coords[k].coords, patch_coords[k].attrs) for k in todo], encoder, device,
+                    pe.batch_size, fast_cpu=pe.fast_cpu, fast_read=pe.fast_read)
+                stack.callback(results.close)  # its readers stop before the slides close
+                out = for_each_slide(context, patch_coords, one,
+                                     lambda k, e: empty(k, patch_coords[k], {"status": "error", "error": e}))
         failing = {}
         for k, f in out.items():
-            if f.features.shape != (len(f.coords), encoder.embedding_dim):
+            if status_of(f.provenance) == "error":
+                failing[k] = f.provenance.get("error", "error")
+            elif f.features.shape != (len(f.coords), encoder.embedding_dim):
                 failing[k] = f"shape {f.features.shape}, expected ({len(f.coords)}, {encoder.embedding_dim})"
             elif not np.isfinite(f.features).all():
                 failing[k] = "non-finite values"

@@ -154,14 +154,17 @@ def _lower_priority(_worker_id: int) -> None:
         pass
 
 
-def make_loader(dataset: Dataset, batch_size: int, num_workers: int | None, device: str) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int | None, device: str,
+                batches: list[list[int]] | None = None) -> DataLoader:
+    """Batches of ``batch_size`` items in order, or the items listed in ``batches``."""
     workers = default_num_workers(device) if num_workers is None else int(num_workers)
     if len(dataset) <= batch_size:  # one batch: a worker process would only add start-up time
         workers = 0
     cuda = str(device).startswith("cuda")
     return DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=batch_size if batches is None else 1,
+        batch_sampler=batches,
         shuffle=False,
         num_workers=workers,
         pin_memory=cuda,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 
 import numpy as np
 import torch
+from torch.utils.data import ConcatDataset
 
 from .data import BatchTransform, WSIPatcherDataset, make_loader, resolve_device, split_to_tensor
 from .fastpath import fast_cpu_variant
@@ -88,13 +90,12 @@ class _TileDataset(WSIPatcherDataset):
         return img, xy, getattr(self.patcher.wsi, "blank_tiles", 0) - before
 
 
-def patch_loader(wsi, coords: np.ndarray, attrs: dict, transform, batch_size: int, num_workers: int | None = None,
-                 device: str = "cpu", fast_read: bool = False, resize_on_device: bool | None = None):
-    """(loader, to_input): the data path behind ``patch_features``. The loader reads, resizes and transforms
-    patches and yields batches of (patches, (x, y), blank-tile counts); ``to_input`` (None when the loader
-    already gives the model's input) finishes a batch on the model's device: uint8 to normalised float.
-    ``resize_on_device`` (by default on a GPU) leaves the resizes to ``to_input`` too, with Pillow's very
-    arithmetic: the same bytes, and readers that only decode."""
+def patch_dataset(wsi, coords: np.ndarray, attrs: dict, transform, device: str = "cpu", fast_read: bool = False,
+                  resize_on_device: bool | None = None):
+    """(dataset, to_input): a slide's patches as the readers make them, items (patch, (x, y), blank tiles), and
+    ``to_input`` (None when the items already are the model's input), which finishes a batch on the model's
+    device: uint8 to normalised float. ``resize_on_device`` (by default on a GPU) leaves the resizes to
+    ``to_input`` too, with Pillow's very arithmetic: the same bytes, and readers that only decode."""
     patcher = patcher_from_coords(wsi, coords, attrs, pil=True, fast_read=fast_read)
     if resize_on_device is None:
         resize_on_device = torch.device(device).type == "cuda"
@@ -115,7 +116,86 @@ def patch_loader(wsi, coords: np.ndarray, attrs: dict, transform, batch_size: in
         per_patch, to_input = split_to_tensor(transform)
     dataset = _TileDataset(patcher, per_patch)
     patcher.pil = not isinstance(to_input, BatchTransform)  # a batch that does the steps starts from arrays
+    return dataset, to_input
+
+
+def patch_loader(wsi, coords: np.ndarray, attrs: dict, transform, batch_size: int, num_workers: int | None = None,
+                 device: str = "cpu", fast_read: bool = False, resize_on_device: bool | None = None):
+    """(loader, to_input): one slide's batches of (patches, (x, y), blank-tile counts); see ``patch_dataset``."""
+    dataset, to_input = patch_dataset(wsi, coords, attrs, transform, device, fast_read, resize_on_device)
     return make_loader(dataset, batch_size, num_workers, device), to_input
+
+
+def _slide_batches(datasets: list, batch_size: int, num_workers: int | None, device: str):
+    """(slide index, batch) for every batch of every slide, in order, from one set of reader processes; a
+    batch never mixes slides. An error while reading stops that slide only: (index, exception) is its last
+    item, and the readers start again for the slides after it (a reader that crashed is gone with its batches)."""
+    start = 0
+    while start < len(datasets):
+        plan, first = [], 0
+        for s in range(start, len(datasets)):
+            n = len(datasets[s])
+            plan += [(s, list(range(first + a, first + min(a + batch_size, n)))) for a in range(0, n, batch_size)]
+            first += n
+        loader = make_loader(ConcatDataset(datasets[start:]), batch_size, num_workers, device,
+                             batches=[indices for _, indices in plan])
+        batches, start = iter(loader), len(datasets)
+        for s, _ in plan:
+            try:
+                batch = next(batches)
+            except Exception as e:  # noqa: BLE001  the slide's own error, reported with it
+                yield s, e
+                start = s + 1
+                break
+            yield s, batch
+        del batches  # its readers stop here, before the next ones start
+
+
+def patch_features_of_slides(slides: list, patch_encoder, device: str = "cpu", batch_limit: int = 512,
+                             num_workers: int | None = None, fast_cpu: bool = False, fast_read: bool = False):
+    """Per slide of ``slides`` [(wsi, coords, attrs)], in order: ((N, D) float32 features, blank tiles), or the
+    exception that stopped that slide (the others carry on). One set of reader processes serves every slide,
+    so they read the next slide while the model finishes one, instead of starting and draining per slide.
+    Model batches never mix slides either: a slide's features are those it gets alone. Lazy: a slide is
+    embedded when its result is asked for."""
+    dev = resolve_device(device)
+    datasets, to_inputs, ready = [], [], {}
+    for i, (wsi, coords, attrs) in enumerate(slides):
+        if not len(coords):  # (0, D) without running the model
+            ready[i] = (np.zeros((0, getattr(patch_encoder, "embedding_dim", None) or 0), np.float32), 0)
+            continue
+        try:
+            # Readers make small batches, joined into model batches on the device: a reader making a whole
+            # 512-patch batch would leave the GPU waiting seconds for the first, and few would leave readers idle.
+            dataset, to_input = patch_dataset(wsi, coords, attrs, patch_encoder.eval_transforms, device, fast_read)
+        except Exception as e:  # noqa: BLE001
+            ready[i] = e
+            continue
+        datasets.append(dataset)
+        to_inputs.append(to_input)
+    encoder = prepare_encoder(patch_encoder, dev, fast_cpu) if datasets else None
+    groups = itertools.groupby(_slide_batches(datasets, min(batch_limit, READER_BATCH), num_workers, device),
+                               key=lambda item: item[0])
+    for i in range(len(slides)):
+        if i in ready:
+            yield ready.pop(i)
+            continue
+        s, group = next(groups)
+        blanks = []
+
+        def batches(group=group, blanks=blanks):
+            for _, batch in group:
+                if isinstance(batch, Exception):
+                    raise batch
+                blanks.append(int(batch[2].sum()))
+                yield batch
+
+        try:
+            features = embed_batches(encoder, batches(), dev, fast_cpu, to_inputs[s], batch_limit)
+        except Exception as e:  # noqa: BLE001
+            yield e
+            continue
+        yield features, sum(blanks)
 
 
 def patch_features(wsi, patch_encoder, coords: np.ndarray, attrs: dict, device: str = "cpu",
@@ -126,21 +206,15 @@ def patch_features(wsi, patch_encoder, coords: np.ndarray, attrs: dict, device: 
     patches read as blank because their tiles were corrupt. ``fast_read`` decodes JPEG tiles at the reduced
     size needed (see WSIPatcher) and resizes on the model's device: faster reading, pixels about one grey level
     from the default's, features close (bench/bench_read.py) but not TRIDENT's."""
-    dev = resolve_device(device)
+    results = patch_features_of_slides([(wsi, coords, attrs)], patch_encoder, device, batch_limit, num_workers,
+                                       fast_cpu, fast_read)
+    result = next(results)
+    results.close()  # its readers stop now
+    if isinstance(result, Exception):
+        raise result
+    features, blank_tiles = result
     if stats is not None:
-        stats["blank_tiles"] = 0
-    if not len(coords):
-        return np.zeros((0, getattr(patch_encoder, "embedding_dim", None) or 0), np.float32)
-    # Readers make small batches, joined into model batches on the device: a reader making a whole 512-patch
-    # batch would leave the GPU waiting seconds for the first, and few batches would leave readers idle.
-    loader, to_input = patch_loader(wsi, coords, attrs, patch_encoder.eval_transforms, min(batch_limit, READER_BATCH),
-                                    num_workers, device, fast_read)
-    blanks = []
-    batches = ((imgs, blanks.append(int(b.sum()))) for imgs, _, b in loader)
-    features = embed_batches(prepare_encoder(patch_encoder, dev, fast_cpu), batches, dev, fast_cpu, to_input,
-                             batch_limit)
-    if stats is not None:
-        stats["blank_tiles"] = sum(blanks)
+        stats["blank_tiles"] = blank_tiles
     return features
 
 
