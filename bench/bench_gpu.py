@@ -34,8 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trident_lib import load_wsi
 from trident_lib.data import default_num_workers
-from trident_lib.extraction import (READER_BATCH, embed_batches, patch_features, patch_features_of_slides,
-                                    patch_loader, prepare_encoder)
+from trident_lib.extraction import (
+    READER_BATCH,
+    embed_batches,
+    patch_features,
+    patch_features_of_slides,
+    patch_loader,
+    prepare_encoder,
+)
 from trident_lib.patch_encoder_models import encoder_factory
 from trident_lib.patching import tissue_coords
 from trident_lib.segmentation_models import segmentation_model_factory
