@@ -7,6 +7,8 @@ slide while the model finishes one. Both columns run the same data path with a m
 mean colour of each patch), so the figures are what readers can feed a model much faster than them, as on a
 GPU: K slides of n patches of the 40x bench slide (20x / 256 px: 512-px reads of four JPEG tiles), each slide
 a different part of it. Figures are patches/s; the ratio is per round, median of ROUNDS alternating rounds.
+A slide of at most one reader batch (32 patches) is read in-process when started alone (readers would only
+add their start), so at 32 patches the per-slide column has no reader processes.
 
     .venv/bin/python bench/bench_reader_pool.py [--slides 6] [--patches 32 96] [--workers 1 2]
 """
@@ -42,7 +44,7 @@ class MeanColour(torch.nn.Module):
         return x.mean((2, 3))
 
 
-def row_median(values) -> float:
+def median(values) -> float:
     return float(np.median(values))
 
 
@@ -75,10 +77,10 @@ def main():
                     pooled.append(n * len(slides) / (time.perf_counter() - t))
                     ratios.append(pooled[-1] / per_slide[-1])
                 row = results[f"{n}_patches/{w}_workers"] = {
-                    "per_slide": round(row_median(per_slide), 1), "pooled": round(row_median(pooled), 1),
-                    "pooled_over_per_slide": round(float(np.median(ratios)), 3),
+                    "per_slide": round(median(per_slide), 1), "pooled": round(median(pooled), 1),
+                    "pooled_over_per_slide": round(median(ratios), 3),
                     # what starting the readers per slide costs each slide
-                    "seconds_saved_per_slide": round(n / row_median(per_slide) - n / row_median(pooled), 3)}
+                    "seconds_saved_per_slide": round(n / median(per_slide) - n / median(pooled), 3)}
                 print(f"{args.slides} slides of {n} patches, {w} reader(s): per slide {row['per_slide']:.0f}/s, "
                       f"one pool {row['pooled']:.0f}/s, ratio {row['pooled_over_per_slide']:.2f}, "
                       f"{row['seconds_saved_per_slide']:.3f} s saved per slide", flush=True)

@@ -68,7 +68,7 @@ def test_every_knob_reaches_the_assets(tmp_path):
 
 def test_slide_cache_evicts_least_recently_used(tmp_path):
     fs = fsspec.filesystem("memory")
-    for name in ("a", "b", "c"):
+    for name in ("a", "b", "c", "d"):
         fs.pipe(f"/cache-inbox/{name}.svs", b"x" * 1000)
     found = scan_inbox("memory://cache-inbox")
     cache = tmp_path / "cache"
@@ -81,6 +81,11 @@ def test_slide_cache_evicts_least_recently_used(tmp_path):
     c = local_path(found["c.svs"], str(cache), max_bytes=2500)
     assert os.path.exists(a) and os.path.exists(c) and not os.path.exists(b)
     assert Path(a).read_bytes() == b"x" * 1000
+    # A step's slides, open together, stay even past the limit (the features step opens them all first).
+    time.sleep(0.05)
+    step = [found["b.svs"], found["c.svs"], found["d.svs"]]
+    assert all(os.path.exists(local_path(s, str(cache), max_bytes=2500, in_use=step)) for s in step)
+    assert all(os.path.exists(p) for p in (c, local_path(found["b.svs"], str(cache)))) and not os.path.exists(a)
     assert not list(cache.rglob("*.part"))
 
 

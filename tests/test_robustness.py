@@ -97,7 +97,6 @@ def test_truncated_slide_in_a_batch_does_not_stop_the_others(platform, slides):
     assert (out / COORDS / FEATS / "good.svs.h5").exists()
 
 
-
 def test_slide_broken_before_its_features_fails_alone_in_a_batch(platform, slides):
     """The features step reads its slides through one set of readers: one that no longer opens fails with its
     name, and the others' features are those they got before, bit for bit."""

@@ -64,8 +64,9 @@ class Inbox(dg.ConfigurableResource):
     def scan(self) -> dict[str, SlideFile]:
         return scan_inbox(self.path, tuple(self.extensions))
 
-    def open(self, slide: SlideFile, **kwargs):
-        path = local_path(slide, self.cache_dir, int(self.cache_max_gb * 2**30))
+    def open(self, slide: SlideFile, in_use=(), **kwargs):
+        """The slide, opened; ``in_use``: other slides open alongside, whose cached copies must stay."""
+        path = local_path(slide, self.cache_dir, int(self.cache_max_gb * 2**30), in_use)
         return load_wsi(path, mpp=slide.mpp, name=slide.key, **kwargs)
 
 
@@ -103,7 +104,7 @@ def open_slides(inbox: "Inbox", stack: contextlib.ExitStack, files: dict[str, Sl
     wsis = {}
     for key, slide in files.items():
         try:
-            wsis[key] = stack.enter_context(inbox.open(slide))
+            wsis[key] = stack.enter_context(inbox.open(slide, in_use=files.values()))
         except Exception as e:  # noqa: BLE001
             wsis[key] = e
     return wsis

@@ -186,12 +186,13 @@ def _slide_list_mpps(fs, base: str) -> dict[str, float]:
     return out
 
 
-def local_path(slide: SlideFile, cache_dir: str, max_bytes: int | None = None) -> str:
+def local_path(slide: SlideFile, cache_dir: str, max_bytes: int | None = None, in_use=()) -> str:
     """A local file for readers that need one (OpenSlide): remote slides are copied once into a cache that
-    keeps at most ``max_bytes``, evicting the least recently used copies."""
+    keeps at most ``max_bytes``, evicting the least recently used copies, but never the slides ``in_use``
+    (a step's slides, open together)."""
     if "://" not in slide.path or slide.path.startswith("file://"):
         return slide.path.removeprefix("file://")
-    entry = os.path.join(cache_dir, slide.key, slide.fingerprint)
+    entry = _cache_entry(slide, cache_dir)
     target = os.path.join(entry, os.path.basename(slide.relpath))
     if not os.path.exists(target):
         fs, path = fsspec.core.url_to_fs(slide.path)
@@ -200,8 +201,12 @@ def local_path(slide: SlideFile, cache_dir: str, max_bytes: int | None = None) -
         os.replace(target + ".part", target)
     os.utime(entry)  # the entry's mtime is its last use
     if max_bytes is not None:
-        evict_cache(cache_dir, max_bytes, keep=entry)
+        evict_cache(cache_dir, max_bytes, keep={entry, *(_cache_entry(other, cache_dir) for other in in_use)})
     return target
+
+
+def _cache_entry(slide: SlideFile, cache_dir: str) -> str:
+    return os.path.join(cache_dir, slide.key, slide.fingerprint)
 
 
 def _tree_bytes(path: str) -> int:
@@ -210,9 +215,9 @@ def _tree_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def evict_cache(cache_dir: str, max_bytes: int, keep: str | None = None) -> list[str]:
-    """Delete the least recently used cached slides until the cache holds at most ``max_bytes``; the entry
-    in use (``keep``) stays. A reader that still has an evicted file open keeps reading it (POSIX)."""
+def evict_cache(cache_dir: str, max_bytes: int, keep=()) -> list[str]:
+    """Delete the least recently used cached slides until the cache holds at most ``max_bytes``; the entries
+    in use (``keep``) stay. A reader that still has an evicted file open keeps reading it (POSIX)."""
     entries = [os.path.join(cache_dir, k, f) for k in os.listdir(cache_dir)
                for f in os.listdir(os.path.join(cache_dir, k))]
     sizes = {e: _tree_bytes(e) for e in entries}
@@ -220,7 +225,7 @@ def evict_cache(cache_dir: str, max_bytes: int, keep: str | None = None) -> list
     for entry in sorted(entries, key=os.path.getmtime):
         if total <= max_bytes:
             break
-        if entry == keep:
+        if entry in keep:
             continue
         shutil.rmtree(entry, ignore_errors=True)
         total -= sizes[entry]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import time
+from collections import deque
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset
+from torch.utils.data import ConcatDataset, get_worker_info
+from torch.utils.data._utils import signal_handling
 
 from .data import BatchTransform, WSIPatcherDataset, make_loader, resolve_device, split_to_tensor
 from .fastpath import fast_cpu_variant
@@ -84,10 +85,19 @@ class _TileDataset(WSIPatcherDataset):
     """Also says, per patch, whether a damaged tile had to be replaced by a blank one (counted in the worker
     that read it, so the count survives the process boundary)."""
 
+    in_reader = None  # in a reader process: the slide it reads now
+
     def __getitem__(self, index):
-        before = getattr(self.patcher.wsi, "blank_tiles", 0)
+        wsi = self.patcher.wsi
+        if get_worker_info() is not None and _TileDataset.in_reader is not wsi:
+            # A reader never goes back to a slide it left (batches are handed out in order): the last one's
+            # handles and caches go, so a reader serving many slides holds one slide's.
+            if _TileDataset.in_reader is not None:
+                _TileDataset.in_reader.release()
+            _TileDataset.in_reader = wsi
+        before = getattr(wsi, "blank_tiles", 0)
         img, xy = super().__getitem__(index)
-        return img, xy, getattr(self.patcher.wsi, "blank_tiles", 0) - before
+        return img, xy, getattr(wsi, "blank_tiles", 0) - before
 
 
 def patch_dataset(wsi, coords: np.ndarray, attrs: dict, transform, device: str = "cpu", fast_read: bool = False,
@@ -126,29 +136,57 @@ def patch_loader(wsi, coords: np.ndarray, attrs: dict, transform, batch_size: in
     return make_loader(dataset, batch_size, num_workers, device), to_input
 
 
-def _slide_batches(datasets: list, batch_size: int, num_workers: int | None, device: str):
-    """(slide index, batch) for every batch of every slide, in order, from one set of reader processes; a
-    batch never mixes slides. An error while reading stops that slide only: (index, exception) is its last
-    item, and the readers start again for the slides after it (a reader that crashed is gone with its batches)."""
-    start = 0
-    while start < len(datasets):
-        plan, first = [], 0
-        for s in range(start, len(datasets)):
-            n = len(datasets[s])
-            plan += [(s, list(range(first + a, first + min(a + batch_size, n)))) for a in range(0, n, batch_size)]
-            first += n
-        loader = make_loader(ConcatDataset(datasets[start:]), batch_size, num_workers, device,
-                             batches=[indices for _, indices in plan])
-        batches, start = iter(loader), len(datasets)
-        for s, _ in plan:
-            try:
-                batch = next(batches)
-            except Exception as e:  # noqa: BLE001  the slide's own error, reported with it
-                yield s, e
-                start = s + 1
-                break
-            yield s, batch
-        del batches  # its readers stop here, before the next ones start
+class _Readers:
+    """Batches of several slides from one set of reader processes, which read on into the next slides while
+    the model works; a batch never mixes slides. After an error, or when a slide is not read to its end, the
+    readers stop, and start again at the slide asked for next."""
+
+    def __init__(self, datasets: list, batch_size: int, num_workers: int | None, device: str):
+        self.datasets, self.batch_size, self.num_workers, self.device = datasets, batch_size, num_workers, device
+        self.plan, self.batches = deque(), None  # the slide of each batch the running readers will give
+
+    def slide(self, s: int, alone: bool = False):
+        """Slide ``s``'s batches; ``alone``: from readers that read nothing else (so a crash is its own)."""
+        if alone or not self.plan or self.plan[0][0] != s:
+            self._start(s, s + 1 if alone else len(self.datasets), alone)
+        read = False
+        try:
+            while self.plan and self.plan[0][0] == s:
+                self.plan.popleft()
+                yield next(self.batches)
+            read = True
+        finally:
+            if not read:  # an error, or the model's failure: no reading on for nothing
+                self.stop()
+
+    def _start(self, first: int, stop: int, alone: bool) -> None:
+        self.stop()
+        offset = 0
+        for s in range(first, stop):
+            n = len(self.datasets[s])
+            self.plan += [(s, list(range(offset + a, offset + min(a + self.batch_size, n))))
+                          for a in range(0, n, self.batch_size)]
+            offset += n
+        # Readers for a slide read alone even if it is one batch: its last ones died, they must not take
+        # this process with them.
+        loader = make_loader(ConcatDataset(self.datasets[first:stop]), self.batch_size,
+                             max(1, self.num_workers or 0) if alone else self.num_workers, self.device,
+                             batches=[indices for _, indices in self.plan], own_process=alone)
+        self.batches = iter(loader)
+        # torch's SIGCHLD handler would raise a reader's death in whatever code runs then (the model on an
+        # earlier slide, say); unregistered, the death is reported by the batch the reader owed.
+        if getattr(self.batches, "_worker_pids_set", False):
+            signal_handling._remove_worker_pids(id(self.batches))
+            self.batches._worker_pids_set = False
+
+    def stop(self) -> None:
+        """The readers exit now (an exception's traceback may keep the loader alive a while)."""
+        getattr(self.batches, "_shutdown_workers", lambda: None)()
+        self.plan, self.batches = deque(), None
+
+
+def _reader_died(e: Exception) -> bool:
+    return isinstance(e, RuntimeError) and "exited unexpectedly" in str(e)  # torch's words for a dead reader
 
 
 def patch_features_of_slides(slides: list, patch_encoder, device: str = "cpu", batch_limit: int = 512,
@@ -156,8 +194,9 @@ def patch_features_of_slides(slides: list, patch_encoder, device: str = "cpu", b
     """Per slide of ``slides`` [(wsi, coords, attrs)], in order: ((N, D) float32 features, blank tiles), or the
     exception that stopped that slide (the others carry on). One set of reader processes serves every slide,
     so they read the next slide while the model finishes one, instead of starting and draining per slide.
-    Model batches never mix slides either: a slide's features are those it gets alone. Lazy: a slide is
-    embedded when its result is asked for."""
+    Model batches never mix slides either: a slide's features are those it gets alone. A reader that dies
+    (a crash in a native decoder) may have been reading ahead: the slide at hand is read again by readers of
+    its own, and fails only if they die too. Lazy: a slide is embedded when its result is asked for."""
     dev = resolve_device(device)
     datasets, to_inputs, ready = [], [], {}
     for i, (wsi, coords, attrs) in enumerate(slides):
@@ -165,37 +204,44 @@ def patch_features_of_slides(slides: list, patch_encoder, device: str = "cpu", b
             ready[i] = (np.zeros((0, getattr(patch_encoder, "embedding_dim", None) or 0), np.float32), 0)
             continue
         try:
-            # Readers make small batches, joined into model batches on the device: a reader making a whole
-            # 512-patch batch would leave the GPU waiting seconds for the first, and few would leave readers idle.
             dataset, to_input = patch_dataset(wsi, coords, attrs, patch_encoder.eval_transforms, device, fast_read)
         except Exception as e:  # noqa: BLE001
             ready[i] = e
             continue
         datasets.append(dataset)
         to_inputs.append(to_input)
-    encoder = prepare_encoder(patch_encoder, dev, fast_cpu) if datasets else None
-    groups = itertools.groupby(_slide_batches(datasets, min(batch_limit, READER_BATCH), num_workers, device),
-                               key=lambda item: item[0])
-    for i in range(len(slides)):
-        if i in ready:
-            yield ready.pop(i)
-            continue
-        s, group = next(groups)
-        blanks = []
+    # Readers make small batches, joined into model batches on the device: a reader making a whole 512-patch
+    # batch would leave the GPU waiting seconds for the first, and few would leave readers idle.
+    readers = _Readers(datasets, min(batch_limit, READER_BATCH), num_workers, device)
+    encoder, s, blanks = None, 0, []
 
-        def batches(group=group, blanks=blanks):
-            for _, batch in group:
-                if isinstance(batch, Exception):
-                    raise batch
-                blanks.append(int(batch[2].sum()))
-                yield batch
+    def embed(alone: bool):  # slide s's batches, counting its blank tiles
+        blanks.clear()
+        for batch in readers.slide(s, alone):
+            blanks.append(int(batch[2].sum()))
+            yield batch
 
-        try:
-            features = embed_batches(encoder, batches(), dev, fast_cpu, to_inputs[s], batch_limit)
-        except Exception as e:  # noqa: BLE001
-            yield e
-            continue
-        yield features, sum(blanks)
+    try:
+        for i in range(len(slides)):
+            if i in ready:
+                yield ready.pop(i)
+                continue
+            try:
+                if encoder is None:
+                    encoder = prepare_encoder(patch_encoder, dev, fast_cpu)
+                try:
+                    features = embed_batches(encoder, embed(False), dev, fast_cpu, to_inputs[s], batch_limit)
+                except RuntimeError as e:
+                    if not _reader_died(e):
+                        raise
+                    features = embed_batches(encoder, embed(True), dev, fast_cpu, to_inputs[s], batch_limit)
+                result = (features, sum(blanks))
+            except Exception as e:  # noqa: BLE001  the slide's own error, reported with it
+                result = e
+            s += 1
+            yield result
+    finally:
+        readers.stop()
 
 
 def patch_features(wsi, patch_encoder, coords: np.ndarray, attrs: dict, device: str = "cpu",
