@@ -155,12 +155,13 @@ def _lower_priority(_worker_id: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int | None, device: str,
-                batches: list[list[int]] | None = None, own_process: bool = False) -> DataLoader:
-    """Batches of ``batch_size`` items in order, or the items listed in ``batches``. ``own_process``: read in
-    reader processes even a single batch."""
+                batches: list[list[int]] | None = None, min_workers: int = 0) -> DataLoader:
+    """Batches of ``batch_size`` items in order, or the items listed in ``batches``; read by at least
+    ``min_workers`` reader processes."""
     workers = default_num_workers(device) if num_workers is None else int(num_workers)
-    if len(dataset) <= batch_size and not own_process:  # one batch: a reader process would only add start-up
+    if len(dataset) <= batch_size:  # one batch: a reader process would only add start-up time
         workers = 0
+    workers = max(workers, min_workers)
     cuda = str(device).startswith("cuda")
     return DataLoader(
         dataset,

@@ -148,7 +148,7 @@ class _Readers:
     def slide(self, s: int, alone: bool = False):
         """Slide ``s``'s batches; ``alone``: from readers that read nothing else (so a crash is its own)."""
         if alone or not self.plan or self.plan[0][0] != s:
-            self._start(s, s + 1 if alone else len(self.datasets), alone)
+            self._start(s, alone)
         read = False
         try:
             while self.plan and self.plan[0][0] == s:
@@ -159,9 +159,9 @@ class _Readers:
             if not read:  # an error, or the model's failure: no reading on for nothing
                 self.stop()
 
-    def _start(self, first: int, stop: int, alone: bool) -> None:
+    def _start(self, first: int, alone: bool) -> None:
         self.stop()
-        offset = 0
+        stop, offset = first + 1 if alone else len(self.datasets), 0
         for s in range(first, stop):
             n = len(self.datasets[s])
             self.plan += [(s, list(range(offset + a, offset + min(a + self.batch_size, n))))
@@ -169,9 +169,8 @@ class _Readers:
             offset += n
         # Readers for a slide read alone even if it is one batch: its last ones died, they must not take
         # this process with them.
-        loader = make_loader(ConcatDataset(self.datasets[first:stop]), self.batch_size,
-                             max(1, self.num_workers or 0) if alone else self.num_workers, self.device,
-                             batches=[indices for _, indices in self.plan], own_process=alone)
+        loader = make_loader(ConcatDataset(self.datasets[first:stop]), self.batch_size, self.num_workers,
+                             self.device, batches=[indices for _, indices in self.plan], min_workers=int(alone))
         self.batches = iter(loader)
         # torch's SIGCHLD handler would raise a reader's death in whatever code runs then (the model on an
         # earlier slide, say); unregistered, the death is reported by the batch the reader owed.
